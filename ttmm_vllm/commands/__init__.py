@@ -1,0 +1,1 @@
+"""One module per `ttmm` subcommand: `add_parser(subparsers)` sets `func` to its runner."""
