@@ -8,7 +8,14 @@ from hypothesis.extra.numpy import arrays
 
 from ttmm_vllm.library import normalize_rows
 from ttmm_vllm.router import (
-    CentroidIndex, Mode, Router, RoutingParams, Variant, brute_force, decide, softmax,
+    CentroidIndex,
+    Mode,
+    Router,
+    RoutingParams,
+    Variant,
+    brute_force,
+    decide,
+    softmax,
     sparse_softmax,
 )
 

@@ -12,16 +12,12 @@ import random
 from pathlib import Path
 
 TOPICS: dict[str, list[str]] = {
-    "music": "guitar piano melody chord rhythm album song band concert drum violin orchestra "
-             "tempo harmony singer lyric".split(),
-    "space": "planet orbit star galaxy comet rocket telescope moon asteroid nebula gravity "
-             "astronaut satellite cosmic solar".split(),
-    "cooking": "flour butter oven recipe sauce garlic onion pepper simmer bake dough salt "
-               "spice kitchen chef".split(),
-    "football": "goal striker keeper match league referee penalty midfield stadium coach "
-                "tackle pass score team season".split(),
+    "music": ["guitar", "piano", "melody", "chord", "rhythm", "album", "song", "band", "concert", "drum", "violin", "orchestra", "tempo", "harmony", "singer", "lyric"],
+    "space": ["planet", "orbit", "star", "galaxy", "comet", "rocket", "telescope", "moon", "asteroid", "nebula", "gravity", "astronaut", "satellite", "cosmic", "solar"],
+    "cooking": ["flour", "butter", "oven", "recipe", "sauce", "garlic", "onion", "pepper", "simmer", "bake", "dough", "salt", "spice", "kitchen", "chef"],
+    "football": ["goal", "striker", "keeper", "match", "league", "referee", "penalty", "midfield", "stadium", "coach", "tackle", "pass", "score", "team", "season"],
 }
-COMMON = "the of and a in is to with was for on by it that as from at".split()
+COMMON = ["the", "of", "and", "a", "in", "is", "to", "with", "was", "for", "on", "by", "it", "that", "as", "from", "at"]
 
 
 def synthetic_corpus(docs_per_topic: int = 24, seed: int = 0, words: int = 80) -> list[dict]:
@@ -133,8 +129,18 @@ def build_random_library(root: Path, model_dir: Path, embedder_dir: Path, *, ran
 
     from ttmm_vllm.embed import SentenceEmbedder
     from ttmm_vllm.library import (
-        LLAMA_TARGETS, EmbedderRef, ExpertInfo, LoraSpec, Manifest, ModelRef, RouterDefaults,
-        expert_dirname, model_fingerprint, normalize_rows, write_adapter, write_library,
+        LLAMA_TARGETS,
+        EmbedderRef,
+        ExpertInfo,
+        LoraSpec,
+        Manifest,
+        ModelRef,
+        RouterDefaults,
+        expert_dirname,
+        model_fingerprint,
+        normalize_rows,
+        write_adapter,
+        write_library,
     )
 
     root = Path(root)

@@ -19,6 +19,7 @@ a mismatched base model or embedder, or an unknown format version. Only safetens
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -238,10 +239,8 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
         h.update(w.name.encode())
         h.update(cache[key].encode())
     if changed:
-        try:
+        with contextlib.suppress(OSError):  # a read-only model folder: hash again next time
             atomic_write_json(cache_file, cache)
-        except OSError:
-            pass  # a read-only model folder: hash again next time
     return h.hexdigest()[:16]
 
 
@@ -492,10 +491,8 @@ class Library:
         index.load_index(str(self.root / INDEX), max_elements=max(cent.shape[0], 1))
         for e in self.manifest.experts:
             if e.deleted:
-                try:
+                with contextlib.suppress(RuntimeError):
                     index.mark_deleted(e.id)
-                except RuntimeError:
-                    pass
         return index
 
     def read_expert(self, expert_id: int, verify_checksum: bool = False) -> ExpertWeights:
