@@ -104,11 +104,24 @@ def build_tiny_embedder(out: Path, texts: list[str] | None = None, seed: int = 0
     hf_dir = out / "hf"
     fast.save_pretrained(hf_dir)
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2,
+    cfg = BertConfig(vocab_size=len(fast), hidden_size=64, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(hf_dir)
+    bert = BertModel(cfg)
+    # A bag of words: positions off and every block's residual branch zeroed, so the pooled
+    # vector is the mean of (normalised) random word vectors; texts sharing words are close.
+    with torch.no_grad():
+        bert.embeddings.position_embeddings.weight.zero_()
+        bert.embeddings.token_type_embeddings.weight.zero_()
+        for layer in bert.encoder.layer:
+            layer.attention.output.dense.weight.zero_()
+            layer.attention.output.dense.bias.zero_()
+            layer.output.dense.weight.zero_()
+            layer.output.dense.bias.zero_()
+    bert.save_pretrained(hf_dir)
     word = models.Transformer(str(hf_dir), max_seq_length=128)
-    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    dim = (word.get_embedding_dimension() if hasattr(word, "get_embedding_dimension")
+           else word.get_word_embedding_dimension())
+    pool = models.Pooling(dim, pooling_mode="mean")
     st = SentenceTransformer(modules=[word, pool, models.Normalize()], device="cpu")
     st.save(str(out))
     return out
