@@ -37,3 +37,44 @@ def tiny_library(tmp_path_factory, tiny_model_dir, tiny_embedder_dir, corpus):
     """Four random rank-4 experts, one per topic of the synthetic corpus."""
     return tiny.build_random_library(tmp_path_factory.mktemp("tiny-library"), tiny_model_dir,
                                      tiny_embedder_dir, docs=corpus)
+
+
+@pytest.fixture(scope="session")
+def loop():
+    """One asyncio loop thread for every async service of the session."""
+    from tests.aio import LoopThread
+
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+# One engine and one gRPC server for the whole session (an engine start costs ~15 s here).
+SERVER_ENGINE = dict(max_model_len=256, max_num_seqs=32, max_loras=8, idle_adapters=4,
+                     kv_cache_bytes=64 << 20)
+
+
+@pytest.fixture(scope="session")
+def server(loop, tiny_library, tiny_model_dir):
+    """The real ttmm gRPC server on 127.0.0.1 (any free port), tiny model, tiny library."""
+    from ttmm_vllm.engine import EngineConfig
+    from ttmm_vllm.library import Library
+    from ttmm_vllm.server import Server, ServerConfig
+    from ttmm_vllm.service import TTMMService
+
+    lib = Library.open(tiny_library, base_model_dir=tiny_model_dir)
+    engine_cfg = EngineConfig(merge_path="disk", **SERVER_ENGINE)
+
+    async def start():
+        svc = await TTMMService.start(lib, engine_cfg, model_dir=tiny_model_dir)
+        return await Server.start(svc, ServerConfig(port=0, metrics_port=0, max_inflight=64,
+                                                    grace_s=5))
+
+    srv = loop.run(start())
+    yield srv
+    loop.run(srv.stop(grace=2))
+
+
+@pytest.fixture(scope="session")
+def target(server) -> str:
+    return f"127.0.0.1:{server.port}"

@@ -8,10 +8,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from tests.aio import LoopThread
 from tests.reference import Reference
 from ttmm_vllm.embed import SentenceEmbedder
-from ttmm_vllm.engine import Engine, EngineConfig, Sampling
+from ttmm_vllm.engine import Sampling
 from ttmm_vllm.library import Library
 from ttmm_vllm.metrics import Timings
 from ttmm_vllm.router import CentroidIndex, Mode, Router, RoutingParams
@@ -33,13 +32,6 @@ LOGPROB_TOL = 2e-3
 
 
 @pytest.fixture(scope="session")
-def loop():
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-@pytest.fixture(scope="session")
 def library(tiny_library):
     return Library.open(tiny_library)
 
@@ -58,12 +50,9 @@ def reference(tiny_model_dir, library):
 
 
 @pytest.fixture(scope="session")
-def disk_engine(loop, library, tiny_model_dir):
-    cfg = EngineConfig(merge_path="disk", max_model_len=256, max_num_seqs=16, max_loras=8,
-                       idle_adapters=2, kv_cache_bytes=64 << 20)
-    eng = loop.run(Engine.start(library, cfg, tiny_model_dir))
-    yield eng
-    loop.run(eng.shutdown())
+def disk_engine(server):
+    """The session server's engine (disk path): one engine start for the whole session."""
+    return server.service.engine
 
 
 def _route(router, text, **over):

@@ -1,0 +1,345 @@
+"""The TTMM service without the transport: validate -> embed -> route -> engine.
+
+`server.py` (gRPC) and the Ray Serve deployment both drive this class; it knows neither gRPC
+nor vLLM. Errors are domain errors (`InvalidArgument` names the field) that the transport maps
+to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ttmm_vllm.embed import Embedder, MicroBatcher, SentenceEmbedder, load_embedder
+from ttmm_vllm.engine import Engine, EngineConfig, Sampling, Step
+from ttmm_vllm.library import Library
+from ttmm_vllm.metrics import Metrics, Timings
+from ttmm_vllm.router import CentroidIndex, Mode, Router, Routing, RoutingParams, Variant
+
+
+class ServiceError(Exception):
+    """Base of the errors a client can cause; the message is safe to return to it."""
+
+
+class InvalidArgument(ServiceError):
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class PermissionDenied(ServiceError):
+    pass
+
+
+class NotFound(ServiceError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    default_max_tokens: int = 64
+    max_explicit_experts: int = 64
+    max_active_cap: int = 64
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    max_prompt_chars: int = 1_000_000
+    # Weights equal after rounding to this many decimals share one merged adapter.
+    weight_decimals: int = 6
+    embed_window_ms: float = 2.0
+    embed_max_batch: int = 64
+
+
+@dataclass
+class RoutingRequest:
+    """Per-request routing overrides (None: the library's default)."""
+
+    mode: Mode | None = None
+    beta: float | None = None
+    tau: float | None = None
+    max_active: int | None = None
+    experts: tuple[int, ...] = ()
+    expert_weights: tuple[float, ...] = ()
+    reroute_every: int = 0
+
+
+@dataclass
+class GenerateInput:
+    prompt: str = ""
+    prompt_token_ids: tuple[int, ...] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    max_tokens_set: bool = False
+    routing: RoutingRequest = field(default_factory=RoutingRequest)
+    request_id: str = ""
+
+
+@dataclass
+class Client:
+    """Who is calling: an identity and the experts it may use (None: all)."""
+
+    identity: str = "anonymous"
+    allowed: frozenset[int] | None = None
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    routing: Routing
+    sampling: Sampling
+    timings: Timings
+
+
+class TTMMService:
+    def __init__(self, library: Library, engine: Engine, embedder: Embedder,
+                 config: ServiceConfig | None = None, metrics: Metrics | None = None):
+        self.library = library
+        self.engine = engine
+        self.config = config or ServiceConfig()
+        self.metrics = metrics or Metrics()
+        self.embedder = embedder
+        self.batcher = MicroBatcher(embedder, max_batch=self.config.embed_max_batch,
+                                    window_ms=self.config.embed_window_ms)
+        r = library.manifest.router
+        self.defaults = RoutingParams(
+            beta=r.beta, tau=r.tau, max_active=r.max_active, variant=Variant(r.sparse_softmax),
+            top_m=r.top_m, ood_threshold=r.ood_threshold)
+        self.query_tokens = r.query_tokens
+        self.index = CentroidIndex(library.centroids[[e.id for e in
+                                                      library.manifest.active_experts]],
+                                   ids=[e.id for e in library.manifest.active_experts])
+        self.router = Router(self.index, self.defaults)
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.config.max_model_len
+
+    @classmethod
+    async def start(cls, library: Library, engine_config: EngineConfig | None = None, *,
+                    model_dir: str | Path | None = None, embedder_path: str | Path | None = None,
+                    config: ServiceConfig | None = None, metrics: Metrics | None = None
+                    ) -> TTMMService:
+        emb_ref = library.manifest.embedder
+        path = embedder_path or emb_ref.path
+        if emb_ref.kind == SentenceEmbedder.kind:
+            embedder = await asyncio.to_thread(SentenceEmbedder, path, name=emb_ref.name)
+        else:
+            embedder = await asyncio.to_thread(load_embedder, emb_ref.kind, path, emb_ref.name)
+        if embedder.dim != emb_ref.dim:
+            from ttmm_vllm.library import LibraryError
+
+            raise LibraryError(f"embedder at {path} has dimension {embedder.dim}; the library "
+                               f"was built with {emb_ref.name} ({emb_ref.dim})")
+        engine = await Engine.start(library, engine_config, model_dir)
+        return cls(library, engine, embedder, config, metrics)
+
+    async def shutdown(self) -> None:
+        self.batcher.close()
+        await self.engine.shutdown()
+
+    # ------------------------------------------------------------------ validation
+
+    def params_for(self, r: RoutingRequest, client: Client) -> RoutingParams:
+        c = self.config
+        if r.beta is not None and not (math.isfinite(r.beta) and r.beta > 0):
+            raise InvalidArgument("routing.beta", f"must be a finite number > 0, got {r.beta}")
+        if r.tau is not None and not (math.isfinite(r.tau) and 0 <= r.tau < 1):
+            raise InvalidArgument("routing.tau", f"must be in [0, 1), got {r.tau}")
+        if r.max_active is not None and not 1 <= r.max_active <= c.max_active_cap:
+            raise InvalidArgument("routing.max_active",
+                                  f"must be in [1, {c.max_active_cap}], got {r.max_active}")
+        if len(r.experts) > c.max_explicit_experts:
+            raise InvalidArgument("routing.experts", f"at most {c.max_explicit_experts} experts "
+                                  f"may be named, got {len(r.experts)}")
+        if len(set(r.experts)) != len(r.experts):
+            raise InvalidArgument("routing.experts", "an expert id is listed twice")
+        alive = set(self.index.ids)
+        unknown = [e for e in r.experts if e not in alive]
+        if unknown:
+            raise InvalidArgument("routing.experts", f"unknown expert ids {unknown}")
+        if client.allowed is not None:
+            denied = [e for e in r.experts if e not in client.allowed]
+            if denied:
+                raise PermissionDenied(f"experts {denied} are not permitted for "
+                                       f"{client.identity}")
+        if r.expert_weights:
+            if len(r.expert_weights) != len(r.experts):
+                raise InvalidArgument("routing.expert_weights",
+                                      f"{len(r.expert_weights)} weights for "
+                                      f"{len(r.experts)} experts")
+            ws = np.asarray(r.expert_weights, dtype=np.float64)
+            if not np.all(np.isfinite(ws)):
+                raise InvalidArgument("routing.expert_weights", "NaN or infinite weight")
+            if np.any(ws < 0):
+                raise InvalidArgument("routing.expert_weights", "negative weight")
+            if ws.sum() <= 0:
+                raise InvalidArgument("routing.expert_weights", "all weights are zero")
+        if r.reroute_every < 0:
+            raise InvalidArgument("routing.reroute_every", "must be >= 0")
+        try:
+            return self.defaults.with_overrides(
+                mode=r.mode, beta=r.beta, tau=r.tau, max_active=r.max_active,
+                experts=tuple(r.experts) or None,
+                expert_weights=tuple(r.expert_weights) or None)
+        except ValueError as e:
+            raise InvalidArgument("routing", str(e)) from e
+
+    def validate_sampling(self, s: Sampling, prompt_len: int, max_tokens_set: bool) -> Sampling:
+        c = self.config
+        room = self.max_model_len - prompt_len
+        if max_tokens_set:
+            if s.max_tokens < 1:
+                raise InvalidArgument("sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+            if s.max_tokens > room:
+                raise InvalidArgument(
+                    "sampling.max_tokens",
+                    f"{s.max_tokens} exceeds the context: the prompt has {prompt_len} tokens "
+                    f"and the model's context is {self.max_model_len}")
+        else:
+            s = _replace(s, max_tokens=max(1, min(c.default_max_tokens, room)))
+        if not (math.isfinite(s.temperature) and 0 <= s.temperature <= 100):
+            raise InvalidArgument("sampling.temperature",
+                                  f"must be in [0, 100], got {s.temperature}")
+        if not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
+            raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+        if s.top_k < -1:
+            raise InvalidArgument("sampling.top_k", f"must be -1, 0 or positive, got {s.top_k}")
+        if len(s.stop) > c.max_stop_strings:
+            raise InvalidArgument("sampling.stop", f"at most {c.max_stop_strings} stop strings")
+        if any(not x or len(x) > c.max_stop_length for x in s.stop):
+            raise InvalidArgument("sampling.stop",
+                                  f"stop strings must have 1..{c.max_stop_length} characters")
+        return s
+
+    def tokenize_prompt(self, prompt: str, token_ids: Sequence[int], field_name: str = "prompt"
+                        ) -> list[int]:
+        if token_ids:
+            vocab = len(self.tokenizer)
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidArgument(f"{field_name}_token_ids",
+                                      f"token ids {bad[:5]} outside the vocabulary ({vocab})")
+            ids = list(token_ids)
+        else:
+            if len(prompt) > self.config.max_prompt_chars:
+                raise InvalidArgument(field_name, f"longer than {self.config.max_prompt_chars} "
+                                      "characters")
+            if not prompt.strip():
+                raise InvalidArgument(field_name, "is empty")
+            if "\x00" in prompt:
+                raise InvalidArgument(field_name, "contains a NUL character")
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InvalidArgument(field_name, "has no tokens")
+        if len(ids) >= self.max_model_len:
+            raise InvalidArgument(field_name, f"has {len(ids)} tokens; the model's context is "
+                                  f"{self.max_model_len}")
+        return ids
+
+    # ------------------------------------------------------------------ routing
+
+    def _allowed(self, client: Client) -> Callable[[int], bool] | None:
+        if client.allowed is None:
+            return None
+        allowed = client.allowed
+        return lambda i: i in allowed
+
+    async def route_ids(self, prompt_ids: Sequence[int], params: RoutingParams, client: Client,
+                        timings: Timings) -> Routing:
+        """Embed the first query tokens, search the index, compute the weights."""
+        if params.mode == Mode.BASE and not params.experts:
+            return Routing(Mode.BASE)
+        t0 = time.perf_counter()
+        text = self.tokenizer.decode(list(prompt_ids[: self.query_tokens]))
+        q = await self.batcher.embed(text)
+        t1 = time.perf_counter()
+        timings.embed_ms = (t1 - t0) * 1e3
+        routing = await asyncio.to_thread(self.router.route, q, params, self._allowed(client))
+        timings.search_ms = (time.perf_counter() - t1) * 1e3
+        return routing.canonical(self.config.weight_decimals)
+
+    async def prepare(self, req: GenerateInput, client: Client) -> Prepared:
+        timings = Timings()
+        t0 = time.perf_counter()
+        params = self.params_for(req.routing, client)
+        ids = await asyncio.to_thread(self.tokenize_prompt, req.prompt, req.prompt_token_ids)
+        sampling = self.validate_sampling(req.sampling, len(ids), req.max_tokens_set)
+        routing = await self.route_ids(ids, params, client, timings)
+        timings.total_ms = (time.perf_counter() - t0) * 1e3
+        rid = req.request_id or uuid.uuid4().hex
+        return Prepared(rid, ids, routing, sampling, timings)
+
+    async def route(self, prompt: str, r: RoutingRequest, client: Client
+                    ) -> tuple[Routing, Timings]:
+        timings = Timings()
+        params = self.params_for(r, client)
+        ids = await asyncio.to_thread(self.tokenize_prompt, prompt, ())
+        routing = await self.route_ids(ids, params, client, timings)
+        timings.total_ms = timings.embed_ms + timings.search_ms
+        return routing, timings
+
+    # ------------------------------------------------------------------ generation
+
+    async def generate(self, p: Prepared) -> AsyncIterator[Step]:
+        t0 = time.perf_counter()
+        completion = 0
+        self.metrics.active_experts.observe(len(p.routing.expert_ids))
+        try:
+            async for step in self.engine.generate(p.request_id, p.prompt_ids, p.sampling,
+                                                   p.routing, p.timings):
+                completion = step.completion_tokens
+                yield step
+        finally:
+            p.timings.total_ms += (time.perf_counter() - t0) * 1e3
+            self.metrics.tokens.inc(completion)
+            self.metrics.observe(p.timings)
+            self.metrics.set_adapter_stats(self.engine.adapter_stats())
+            self.metrics.expert_cache_bytes.set(self.engine.experts.nbytes)
+
+    async def score(self, prompt: str, continuation: str, r: RoutingRequest, client: Client, *,
+                    prompt_token_ids: Sequence[int] = (),
+                    continuation_token_ids: Sequence[int] = ()) -> tuple[list[float], list[int],
+                                                                          Routing, Timings]:
+        timings = Timings()
+        t0 = time.perf_counter()
+        params = self.params_for(r, client)
+        ids = await asyncio.to_thread(self.tokenize_prompt, prompt, prompt_token_ids)
+        if continuation_token_ids:
+            cont = list(continuation_token_ids)
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in cont):
+                raise InvalidArgument("continuation_token_ids", "token id outside the vocabulary")
+        else:
+            if not continuation:
+                raise InvalidArgument("continuation", "is empty")
+            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if len(ids) + len(cont) > self.max_model_len:
+            raise InvalidArgument("continuation", f"prompt + continuation have "
+                                  f"{len(ids) + len(cont)} tokens; the context is "
+                                  f"{self.max_model_len}")
+        routing = await self.route_ids(ids, params, client, timings)
+        lps = await self.engine.score(uuid.uuid4().hex, ids, cont, routing, timings)
+        timings.total_ms = (time.perf_counter() - t0) * 1e3
+        self.metrics.observe(timings)
+        return lps, cont, routing, timings
+
+    def experts_for(self, client: Client) -> list:
+        alive = set(self.index.ids)
+        return [e for e in self.library.manifest.experts
+                if e.id in alive and (client.allowed is None or e.id in client.allowed)]
+
+    def title(self, expert_id: int) -> str:
+        try:
+            return self.library.manifest.expert(expert_id).title
+        except Exception:  # noqa: BLE001
+            return ""
+
+
+def _replace(s: Sampling, **kw) -> Sampling:
+    from dataclasses import replace
+
+    return replace(s, **kw)
