@@ -42,7 +42,7 @@ def tiny_library(tmp_path_factory, tiny_model_dir, tiny_embedder_dir, corpus):
 @pytest.fixture(scope="session")
 def loop():
     """One asyncio loop thread for every async service of the session."""
-    from tests.aio import LoopThread
+    from ttmm_vllm.loop import LoopThread
 
     lt = LoopThread()
     yield lt

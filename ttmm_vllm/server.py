@@ -24,7 +24,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ttmm_vllm.adapters import AdapterBuildError
 from ttmm_vllm.engine import EngineError, Sampling
+from ttmm_vllm.library import LibraryError
 from ttmm_vllm.router import Mode, Routing
 from ttmm_vllm.service import (
     Client,
@@ -79,8 +81,11 @@ class _Bad:
         self.kind, self.error = kind, error
 
 
-def _safe_parser(cls) -> Callable[[bytes], object]:
+def _safe_parser(cls, max_bytes: int) -> Callable[[bytes], object]:
     def parse(data: bytes):
+        if len(data) > max_bytes:
+            return _Bad(cls.DESCRIPTOR.full_name, ValueError(
+                f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes"))
         try:
             return cls.FromString(data)
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's
@@ -135,6 +140,8 @@ def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     if isinstance(e, EngineError):
         return grpc.StatusCode.UNAVAILABLE, str(e)
+    if isinstance(e, LibraryError | AdapterBuildError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(e)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})"
 
 
@@ -349,6 +356,8 @@ class TTMMServicer:
 
 def _parsed(request):
     if isinstance(request, _Bad):
+        if isinstance(request.error, ValueError):
+            raise InvalidArgument("request", str(request.error))
         raise InvalidArgument("request", f"not a valid {request.kind} message (string fields "
                               f"must be UTF-8): {request.error}")
     return request
@@ -409,6 +418,7 @@ def _wrap_stream(servicer: TTMMServicer, name: str, fn):
 def service_handler(servicer: TTMMServicer) -> grpc.GenericRpcHandler:
     """The ttmm.v1 handlers, with parsers that turn undecodable requests into clean errors."""
     methods = pb2.DESCRIPTOR.services_by_name["TTMMService"].methods_by_name
+    limit = servicer.config.max_message_bytes
     handlers = {}
     for name, m in methods.items():
         req_cls = getattr(pb2, m.input_type.name)
@@ -416,11 +426,13 @@ def service_handler(servicer: TTMMServicer) -> grpc.GenericRpcHandler:
         fn = getattr(servicer, name)
         if m.server_streaming:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(servicer, name, fn), request_deserializer=_safe_parser(req_cls),
+                _wrap_stream(servicer, name, fn),
+                request_deserializer=_safe_parser(req_cls, limit),
                 response_serializer=resp_cls.SerializeToString)
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(servicer, name, fn), request_deserializer=_safe_parser(req_cls),
+                _wrap_unary(servicer, name, fn),
+                request_deserializer=_safe_parser(req_cls, limit),
                 response_serializer=resp_cls.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -428,9 +440,10 @@ def service_handler(servicer: TTMMServicer) -> grpc.GenericRpcHandler:
 class Server:
     """A running gRPC server around a service. `await Server.start(service, config)`."""
 
-    def __init__(self, service: TTMMService, config: ServerConfig):
+    def __init__(self, service: TTMMService, config: ServerConfig, own_service: bool = True):
         self.service = service
         self.config = config
+        self.own_service = own_service  # False: a second front door on a shared service
         self.servicer = TTMMServicer(service, config)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
@@ -441,10 +454,13 @@ class Server:
         self._watch: asyncio.Task | None = None
 
     @classmethod
-    async def start(cls, service: TTMMService, config: ServerConfig | None = None) -> Server:
-        self = cls(service, config or ServerConfig())
+    async def start(cls, service: TTMMService, config: ServerConfig | None = None,
+                    own_service: bool = True) -> Server:
+        self = cls(service, config or ServerConfig(), own_service)
         c = self.config
-        opts = [("grpc.max_receive_message_length", c.max_message_bytes),
+        # The transport accepts up to twice the limit so that an oversized request gets an
+        # INVALID_ARGUMENT naming its size from us rather than a bare transport error.
+        opts = [("grpc.max_receive_message_length", 2 * c.max_message_bytes + 1024),
                 ("grpc.max_send_message_length", c.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
         self.grpc = grpc.aio.server(options=opts)
@@ -498,7 +514,8 @@ class Server:
             await self.grpc.stop(0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        await self.service.shutdown()
+        if self.own_service:
+            await self.service.shutdown()
 
 
 def _server_credentials(c: ServerConfig) -> grpc.ServerCredentials:

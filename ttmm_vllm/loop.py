@@ -1,5 +1,5 @@
-"""An asyncio loop on its own thread: session fixtures start async services on it once, and
-plain (sync) tests submit coroutines to it."""
+"""An asyncio loop on its own thread, for sync callers of the async service (the demo, the
+benchmarks, tests): start async services on it once, then submit coroutines from anywhere."""
 
 from __future__ import annotations
 
