@@ -144,6 +144,17 @@ class AdapterRegistry:
         except Exception:  # noqa: BLE001 - a failed clean-up must not fail a request
             log.exception("retiring adapter %d failed", a.lora_id)
 
+    async def retire_idle(self, predicate: Callable[[Key], bool]) -> int:
+        """Retire idle adapters whose key matches (e.g. they merge a removed expert)."""
+        async with self._lock:
+            victims = [a for k, a in self._idle.items() if predicate(k)]
+            for a in victims:
+                self._idle.pop(a.key, None)
+                self._by_key.pop(a.key, None)
+        for a in victims:
+            await self._retire_one(a)
+        return len(victims)
+
     async def clear(self) -> None:
         """Retire every idle adapter (shutdown, or a library change)."""
         async with self._lock:

@@ -289,6 +289,25 @@ class Engine:
             timings.register_ms = waited
         return adapter
 
+    # ------------------------------------------------------------------ live library changes
+
+    async def add_expert(self, expert_id: int) -> None:
+        """Make a newly added library expert servable (the library manifest already lists it
+        in memory; the worker path loads its tensors into the worker's bank)."""
+        if self.config.merge_path == "worker":
+            await self.llm.collective_rpc(
+                "ttmm_add_expert", args=(str(self.library.root), expert_id))
+
+    async def remove_expert(self, expert_id: int) -> None:
+        """Forget a removed expert: cached tensors, idle adapters that merge it, and (worker
+        path) its resident tensors once no adapter in use needs them. Requests in flight keep
+        the adapters they hold."""
+        self.experts.drop(expert_id)
+        await self.registry.retire_idle(lambda key: any(i == expert_id for i, _ in key))
+        if self.config.merge_path == "worker":
+            await self.llm.collective_rpc(
+                "ttmm_remove_expert", args=(str(self.library.root), expert_id))
+
     # ------------------------------------------------------------------ requests
 
     def _sampling_params(self, s: Sampling, *, delta: bool, prompt_logprobs: int | None = None):

@@ -41,6 +41,7 @@ ASSIGNMENTS = "assignments.npy"
 HOLDOUT = "holdout.jsonl"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+PENDING_EXPERT = "ttmm-expert.json"
 
 # The seven projections of a Llama block: the default LoRA targets.
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -511,6 +512,87 @@ class Library:
     def write_manifest(self, manifest: Manifest) -> None:
         atomic_write_json(self.root / MANIFEST, manifest.to_json())
         self.manifest = manifest
+
+    # ---- live changes (admin RPCs): files first, the manifest last, each write atomic
+
+    def pending_expert(self, expert_id: int) -> tuple[ExpertInfo, np.ndarray]:
+        """An expert placed in the library directory but not (or no longer) served.
+
+        Its folder `experts/NNNN/` holds the PEFT adapter and `ttmm-expert.json`
+        ({"title", "size", "group", "centroid": [...], optional "sha256"}): what the manifest
+        and the index need. Validated like every expert: safetensors only, checksum,
+        dimensions, a unit-norm centroid.
+        """
+        active = {e.id for e in self.manifest.active_experts}
+        if expert_id in active:
+            raise LibraryError(f"expert {expert_id} is already served")
+        rel = expert_dirname(expert_id)
+        d = self.resolve(rel)
+        meta_path = d / PENDING_EXPERT
+        if not meta_path.exists():
+            raise LibraryError(f"expert {expert_id}: no {rel}/{PENDING_EXPERT} in the library")
+        try:
+            meta = json.loads(meta_path.read_text())
+            centroid = np.asarray(meta["centroid"], dtype=np.float32)
+        except (ValueError, KeyError, TypeError) as e:
+            raise LibraryError(f"expert {expert_id}: malformed {PENDING_EXPERT}: {e}") from e
+        if centroid.shape != (self.manifest.embedder.dim,):
+            raise LibraryError(f"expert {expert_id}: centroid has shape {centroid.shape}, the "
+                               f"library's embedder has dimension {self.manifest.embedder.dim}")
+        if not np.all(np.isfinite(centroid)) or abs(float(np.linalg.norm(centroid)) - 1) > 1e-3:
+            raise LibraryError(f"expert {expert_id}: centroid must be finite and unit-norm")
+        weights = d / ADAPTER_WEIGHTS
+        if not weights.exists():
+            raise LibraryError(f"expert {expert_id}: no {ADAPTER_WEIGHTS} in {rel} "
+                               "(only safetensors are read)")
+        sha = sha256_file(weights)
+        if meta.get("sha256") and meta["sha256"] != sha:
+            raise LibraryError(f"expert {expert_id}: checksum mismatch for {weights}: "
+                               "corrupted or replaced")
+        w = read_adapter(d, expert_id)
+        targets = {m.rsplit(".", 1)[-1] for m in w.modules}
+        unknown = targets - set(self.manifest.lora.target_modules)
+        if unknown:
+            raise LibraryError(f"expert {expert_id}: adapts {sorted(unknown)}, which this "
+                               "library's experts do not")
+        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+        info = ExpertInfo(id=expert_id, title=str(meta.get("title", f"expert {expert_id}")),
+                          size=int(meta.get("size", 0)), file=rel, sha256=sha, rank=w.rank,
+                          alpha=float(cfg["lora_alpha"]), group=str(meta.get("group",
+                                                                               "default")))
+        return info, centroid
+
+    def commit_added(self, info: ExpertInfo, centroid: np.ndarray) -> None:
+        """Record an added expert: centroid row, index, then the manifest."""
+        cent = self.centroids
+        if info.id >= len(cent):
+            grown = np.zeros((info.id + 1, cent.shape[1]), np.float32)
+            grown[: len(cent)] = cent
+            cent = grown
+        else:
+            cent = cent.copy()
+        cent[info.id] = centroid
+        experts = [e for e in self.manifest.experts if e.id != info.id] + [info]
+        experts.sort(key=lambda e: e.id)
+        self._commit(cent, dataclasses.replace(self.manifest, experts=tuple(experts)))
+
+    def commit_removed(self, expert_id: int) -> None:
+        """Mark an expert deleted (its files stay: re-adding it is an AddExpert away)."""
+        e = self.manifest.expert(expert_id)
+        experts = tuple(dataclasses.replace(x, deleted=True) if x.id == e.id else x
+                        for x in self.manifest.experts)
+        self._commit(self.centroids, dataclasses.replace(self.manifest, experts=experts))
+
+    def _commit(self, centroids: np.ndarray, manifest: Manifest) -> None:
+        atomic_save_npy(self.root / CENTROIDS, centroids)
+        alive = [e.id for e in manifest.experts if not e.deleted]
+        index = build_index(centroids[alive], labels=alive)
+        fd, tmp = tempfile.mkstemp(prefix=".index.", dir=self.root)
+        os.close(fd)
+        index.save_index(tmp)
+        os.replace(tmp, self.root / INDEX)
+        self._centroids = centroids
+        self.write_manifest(manifest)
 
 
 def build_index(centroids: np.ndarray, labels: Iterable[int] | None = None, *, ef: int = 200,

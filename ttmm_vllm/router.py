@@ -211,6 +211,8 @@ class CentroidIndex:
 
     def __init__(self, centroids: np.ndarray, ids: Sequence[int] | None = None, *,
                  hnsw_index=None, ef: int = 200):
+        """centroids: the table indexed by expert id (row i is expert i's centroid);
+        ids: the experts that are alive (default: every row)."""
         self.centroids = np.asarray(centroids, dtype=np.float32)
         all_ids = np.arange(len(self.centroids)) if ids is None else np.asarray(ids)
         self._alive = {int(i) for i in all_ids}
@@ -252,6 +254,13 @@ class CentroidIndex:
         with self._lock:
             if expert_id in self._alive:
                 raise ValueError(f"expert {expert_id} is already in the index")
+            if expert_id >= len(self.centroids):  # grow the id-indexed table (copy: readers
+                table = np.zeros((expert_id + 1, self.centroids.shape[1]), np.float32)
+                table[: len(self.centroids)] = self.centroids  # keep the old one intact)
+                self.centroids = table
+            else:
+                self.centroids = self.centroids.copy()
+            self.centroids[expert_id] = centroid
             if self.index.get_current_count() >= self.index.get_max_elements():
                 self.index.resize_index(self.index.get_max_elements() * 2 + 1)
             try:

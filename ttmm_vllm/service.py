@@ -19,7 +19,7 @@ import numpy as np
 
 from ttmm_vllm.embed import Embedder, MicroBatcher, SentenceEmbedder, load_embedder
 from ttmm_vllm.engine import Engine, EngineConfig, Sampling, Step
-from ttmm_vllm.library import Library
+from ttmm_vllm.library import Library, LibraryError
 from ttmm_vllm.metrics import Metrics, Timings
 from ttmm_vllm.router import CentroidIndex, Mode, Router, Routing, RoutingParams, Variant
 
@@ -111,10 +111,10 @@ class TTMMService:
             beta=r.beta, tau=r.tau, max_active=r.max_active, variant=Variant(r.sparse_softmax),
             top_m=r.top_m, ood_threshold=r.ood_threshold)
         self.query_tokens = r.query_tokens
-        self.index = CentroidIndex(library.centroids[[e.id for e in
-                                                      library.manifest.active_experts]],
+        self.index = CentroidIndex(library.centroids,
                                    ids=[e.id for e in library.manifest.active_experts])
         self.router = Router(self.index, self.defaults)
+        self._admin_lock = asyncio.Lock()
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.config.max_model_len
 
@@ -130,8 +130,6 @@ class TTMMService:
         else:
             embedder = await asyncio.to_thread(load_embedder, emb_ref.kind, path, emb_ref.name)
         if embedder.dim != emb_ref.dim:
-            from ttmm_vllm.library import LibraryError
-
             raise LibraryError(f"embedder at {path} has dimension {embedder.dim}; the library "
                                f"was built with {emb_ref.name} ({emb_ref.dim})")
         engine = await Engine.start(library, engine_config, model_dir)
@@ -326,6 +324,39 @@ class TTMMService:
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         self.metrics.observe(timings)
         return lps, cont, routing, timings
+
+    # ------------------------------------------------------------------ live library changes
+
+    async def add_expert(self, expert_id: int):
+        """Serve an expert placed in the library directory, without a restart.
+
+        Order matters: validate, make the engine able to serve it, then let routing see it,
+        then record it on disk (so a restart sees the same library).
+        """
+        async with self._admin_lock:
+            try:
+                info, centroid = await asyncio.to_thread(self.library.pending_expert,
+                                                         expert_id)
+            except LibraryError as e:
+                raise InvalidArgument("expert_id", str(e)) from e
+            await asyncio.to_thread(self.library.commit_added, info, centroid)
+            try:
+                await self.engine.add_expert(expert_id)
+            except BaseException:
+                await asyncio.to_thread(self.library.commit_removed, expert_id)
+                raise
+            self.index.add(expert_id, centroid)
+            return info
+
+    async def remove_expert(self, expert_id: int) -> None:
+        """Stop routing to an expert now; requests in flight keep the weights they started
+        with; its tensors are freed once unused; the manifest marks it deleted."""
+        async with self._admin_lock:
+            if expert_id not in set(self.index.ids):
+                raise NotFound(f"expert {expert_id} is not served")
+            self.index.remove(expert_id)
+            await asyncio.to_thread(self.library.commit_removed, expert_id)
+            await self.engine.remove_expert(expert_id)
 
     def experts_for(self, client: Client) -> list:
         alive = set(self.index.ids)

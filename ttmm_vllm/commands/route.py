@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(args.tokenizer or str(lib.served_model_dir()))
     emb = load_embedder(m.embedder.kind, args.embedder or m.embedder.path, m.embedder.name)
     ids = [e.id for e in m.active_experts]
-    router = Router(CentroidIndex(lib.centroids[ids], ids=ids), RoutingParams())
+    router = Router(CentroidIndex(lib.centroids, ids=ids), RoutingParams())
     r = m.router
     params = RoutingParams(beta=r.beta, tau=r.tau, max_active=r.max_active,
                            variant=Variant(r.sparse_softmax), top_m=r.top_m,
