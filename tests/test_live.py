@@ -47,7 +47,9 @@ def live_library(tmp_path_factory, tiny_library, tiny_embedder_dir, corpus):
     # groups: music/cooking vs football/space; an out-of-reach threshold from the documents
     groups = {0: "a", 1: "b", 2: "a", 3: "b"}  # cooking, football, music, space
     experts = tuple(dataclasses.replace(e, group=groups[e.id]) for e in lib.manifest.experts)
-    tops = (emb.embed([d["text"] for d in corpus]) @ lib.centroids.T).max(1)
+    # calibrated like a real build: on short prefixes (what routing sees), 1st percentile
+    prefixes = [" ".join(d["text"].split()[:8]) for d in corpus]
+    tops = (emb.embed(prefixes) @ lib.centroids.T).max(1)
     router = dataclasses.replace(lib.manifest.router,
                                  ood_threshold=float(np.percentile(tops, 1)))
     assert isinstance(router, RouterDefaults)

@@ -114,6 +114,10 @@ class EngineError(RuntimeError):
     """The engine cannot serve (dead, or shut down)."""
 
 
+class RequestRejected(ValueError):
+    """vLLM refused the request as given (its own validation): the caller's fault."""
+
+
 class Engine:
     """AsyncLLM + adapter registry + expert cache. Create with `await Engine.start(...)`."""
 
@@ -311,6 +315,15 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def _sampling_params(self, s: Sampling, *, delta: bool, prompt_logprobs: int | None = None):
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            return self._make_sampling_params(s, delta=delta, prompt_logprobs=prompt_logprobs)
+        except (ValueError, VLLMClientError) as e:
+            raise RequestRejected(f"sampling: {e}") from e
+
+    def _make_sampling_params(self, s: Sampling, *, delta: bool,
+                              prompt_logprobs: int | None = None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -345,10 +358,7 @@ class Engine:
             t0 = time.perf_counter()
             first = True
             completion = 0
-            async for out in self.llm.generate(
-                {"prompt_token_ids": list(prompt_ids)}, params, request_id,
-                lora_request=adapter.handle if adapter else None,
-            ):
+            async for out in self._run(list(prompt_ids), params, request_id, adapter):
                 o = out.outputs[0]
                 if first:
                     timings.queue_ms = _queue_ms(out, t0)
@@ -387,8 +397,7 @@ class Engine:
                                            prompt_logprobs=0)
             t0 = time.perf_counter()
             final = None
-            async for out in self.llm.generate({"prompt_token_ids": ids}, params, request_id,
-                                               lora_request=adapter.handle if adapter else None):
+            async for out in self._run(ids, params, request_id, adapter):
                 final = out
             timings.queue_ms = _queue_ms(final, t0)
             timings.generate_ms = max(_ms(t0) - timings.queue_ms, 0.0)
@@ -398,6 +407,19 @@ class Engine:
         plp = final.prompt_logprobs  # [None, {tok: Logprob}, ...] aligned with ids
         start = len(prompt_ids)
         return [float(plp[i][ids[i]].logprob) for i in range(start, len(ids))]
+
+    async def _run(self, ids: list[int], params, request_id: str, adapter: Adapter | None):
+        """vLLM's output stream, its client errors turned into RequestRejected."""
+        from vllm.exceptions import VLLMClientError
+
+        if self.llm is None:
+            raise EngineError("engine is shut down")
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": ids}, params, request_id,
+                                               lora_request=adapter.handle if adapter else None):
+                yield out
+        except VLLMClientError as e:
+            raise RequestRejected(str(e)) from e
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None:
@@ -439,5 +461,5 @@ def _writable(p: Path) -> bool:
         return False
 
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "Sampling", "Step", "allowed_rank",
-           "LORA_RANKS"]
+__all__ = ["Engine", "EngineConfig", "EngineError", "RequestRejected", "Sampling", "Step",
+           "allowed_rank", "LORA_RANKS"]

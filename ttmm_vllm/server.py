@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ttmm_vllm.adapters import AdapterBuildError
-from ttmm_vllm.engine import EngineError, Sampling
+from ttmm_vllm.engine import EngineError, RequestRejected, Sampling
 from ttmm_vllm.library import LibraryError
 from ttmm_vllm.router import Mode, Routing
 from ttmm_vllm.service import (
@@ -138,6 +138,8 @@ def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, ServiceError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+    if isinstance(e, RequestRejected):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, EngineError):
         return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, LibraryError | AdapterBuildError):

@@ -199,9 +199,9 @@ class TTMMService:
                     f"and the model's context is {self.max_model_len}")
         else:
             s = _replace(s, max_tokens=max(1, min(c.default_max_tokens, room)))
-        if not (math.isfinite(s.temperature) and 0 <= s.temperature <= 100):
+        if not (math.isfinite(s.temperature) and 0 <= s.temperature <= 2):
             raise InvalidArgument("sampling.temperature",
-                                  f"must be in [0, 100], got {s.temperature}")
+                                  f"must be in [0, 2], got {s.temperature}")
         if not (math.isfinite(s.top_p) and 0 < s.top_p <= 1):
             raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
         if s.top_k < -1:
