@@ -13,7 +13,6 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
 import torch
 
@@ -29,6 +28,7 @@ from ttmm_vllm.library import (
 )
 from ttmm_vllm.stubs import pb2
 
+FOREIGN_PROMPT = "def __init__(self): return {} # 0x1F ++ ;; <<>> [] ()"
 COMMON_PROMPT = "the of and a in is to with was for on by it that as from at"
 TOPIC_PROMPTS = ["guitar piano melody chord the band song singer lyric",
                  "rocket telescope orbit moon the planet star galaxy comet",
@@ -39,7 +39,7 @@ TOKENS = {"tok-alice": "alice", "tok-admin-user": "root"}
 
 
 @pytest.fixture(scope="module")
-def live_library(tmp_path_factory, tiny_library, tiny_embedder_dir, corpus):
+def live_library(tmp_path_factory, tiny_library, tiny_embedder_dir):
     root = tmp_path_factory.mktemp("live") / "lib"
     shutil.copytree(tiny_library, root)
     lib = Library.open(root)
@@ -47,11 +47,15 @@ def live_library(tmp_path_factory, tiny_library, tiny_embedder_dir, corpus):
     # groups: music/cooking vs football/space; an out-of-reach threshold from the documents
     groups = {0: "a", 1: "b", 2: "a", 3: "b"}  # cooking, football, music, space
     experts = tuple(dataclasses.replace(e, group=groups[e.id]) for e in lib.manifest.experts)
-    # calibrated like a real build: on short prefixes (what routing sees), 1st percentile
-    prefixes = [" ".join(d["text"].split()[:8]) for d in corpus]
-    tops = (emb.embed(prefixes) @ lib.centroids.T).max(1)
-    router = dataclasses.replace(lib.manifest.router,
-                                 ood_threshold=float(np.percentile(tops, 1)))
+    # An out-of-reach threshold between the topic prompts and the foreign one. (A real build
+    # takes a low percentile of its holdout prefixes; the tiny WordPiece vocabulary is not
+    # stable enough across runs for a percentile to separate these prompts every time.)
+    def top(texts):
+        return (emb.embed(texts) @ lib.centroids.T).max(1)
+
+    inside, foreign = float(top(TOPIC_PROMPTS).min()), float(top([FOREIGN_PROMPT])[0])
+    assert foreign < inside, "the tiny embedder cannot tell the foreign prompt apart"
+    router = dataclasses.replace(lib.manifest.router, ood_threshold=(inside + foreign) / 2)
     assert isinstance(router, RouterDefaults)
     lib.write_manifest(dataclasses.replace(lib.manifest, experts=experts, router=router))
     # a fifth expert, in the directory but not served: it covers "common words" prompts
@@ -122,7 +126,7 @@ def test_out_of_reach_flag(live):
         for p in TOPIC_PROMPTS:
             r = c.route(p).routing
             assert not r.out_of_reach and r.top_similarity > 0 and r.entropy >= 0
-        foreign = c.route("def __init__(self): return {} # 0x1F ++ ;; <<>> [] ()").routing
+        foreign = c.route(FOREIGN_PROMPT).routing
         assert foreign.out_of_reach
 
 

@@ -1,0 +1,266 @@
+"""The plugin through vLLM's real engine (AsyncLLM, EngineCore, CPU worker) on the tiny model.
+
+One routing served four ways must give the same greedy tokens and log-probabilities (sampled
+and prompt): a rank-expanded merged adapter written to disk, served by the plugin's grouped op
+and by vLLM's stock ops (plugin off); the same routing merged inside the worker, "expand"
+(a LoRAModel from resident tensors) and "mix" (resident experts mixed per token). Requests of
+several routings and base requests run concurrently, and base requests batched with adapters
+must equal base requests alone. A live "mix" adapter re-routed through `collective_rpc`
+changes the tokens that follow.
+
+Two engines, one at a time: the plugin-off engine runs its requests and shuts down first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from ttmm_vllm.library import Library, write_adapter
+from ttmm_vllm.merge import merge_experts
+from ttmm_vllm.vllm_plugin.config import PluginConfig, engine_kwargs, reroute, routing_request
+
+pytestmark = pytest.mark.engine
+
+# fp32 throughout. The four paths compute the same sum of products in different orders (the
+# grouped op per slot at the real rank, the stock op padded to max_lora_rank, mix: weights
+# applied between shrink and expand); over this 2-layer model that moves log-probabilities by
+# ~1e-6. 1e-3 is far below what a wrong merge does (a missing or mis-weighted expert moves
+# them by 0.1 or more here) and above any reordering noise.
+LOGPROB_TOL = 1e-3
+MAX_TOKENS = 8
+ROUTINGS = {  # expert ids and weights
+    "a": ([0, 2], [0.3, 0.7]),
+    "b": ([1, 3, 2], [0.5, 0.25, 0.25]),
+    "c": ([3], [1.0]),
+}
+PROMPTS = [
+    "guitar piano melody chord the band song singer lyric",
+    "rocket telescope orbit moon the planet star galaxy comet",
+    "dough oven butter garlic the salt recipe chef spice",
+]
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=32,
+              seed=0, kv_cache_memory_bytes=64 << 20)
+
+
+def _start(model_dir, config: PluginConfig):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kw = dict(ENGINE, model=str(model_dir), tokenizer=str(model_dir))
+    kw.update(engine_kwargs(config, max_loras=8, max_lora_rank=16, max_cpu_loras=24))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+
+
+async def _generate(llm, prompt_ids, lora_request=None, max_tokens=MAX_TOKENS):
+    """Greedy tokens, their log-probabilities and the prompt's log-probabilities."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0,
+                            prompt_logprobs=0, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    final = None
+    async for out in llm.generate({"prompt_token_ids": list(prompt_ids)}, params,
+                                  uuid.uuid4().hex, lora_request=lora_request):
+        final = out
+    o = final.outputs[0]
+    lps = [d[t].logprob for t, d in zip(o.token_ids, o.logprobs, strict=True)]
+    plps = [d[t].logprob for t, d in zip(prompt_ids[1:], final.prompt_logprobs[1:],
+                                         strict=True)]
+    return list(o.token_ids), lps, plps
+
+
+async def _run_batch(llm, jobs: dict):
+    """jobs: key -> (prompt ids, LoRARequest | None), all submitted at once."""
+    for _, lora in jobs.values():
+        if lora is not None:
+            await llm.add_lora(lora)  # load errors surface here, not inside a step
+    keys = list(jobs)
+    outs = await asyncio.gather(*(_generate(llm, *jobs[k]) for k in keys))
+    return dict(zip(keys, outs, strict=True))
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def disk_adapters(tiny_library, tmp_path_factory):
+    """Each routing's exact rank-expanded merge, written as a PEFT folder (issue 4's baseline)."""
+    lib = Library.open(tiny_library)
+    root = tmp_path_factory.mktemp("merged")
+    out = {}
+    for name, (ids, ws) in ROUTINGS.items():
+        merged = merge_experts([lib.read_expert(i) for i in ids], ws)
+        write_adapter(root / name, merged.modules, rank=merged.rank, alpha=merged.alpha)
+        out[name] = str(root / name)
+    return out
+
+
+def _disk(name, lora_id, path):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"disk-{name}", lora_id, path)
+
+
+def _jobs(prompt_ids, tiny_library, disk_adapters, kinds):
+    """Every prompt with every routing for each kind, plus every prompt with no adapter."""
+    jobs = {}
+    for p, ids in enumerate(prompt_ids):
+        jobs[("base", None, p)] = (ids, None)
+        for j, (name, (experts, ws)) in enumerate(ROUTINGS.items()):
+            if "disk" in kinds:
+                jobs[("disk", name, p)] = (ids, _disk(name, 1 + j, disk_adapters[name]))
+            if "expand" in kinds:
+                jobs[("expand", name, p)] = (ids, routing_request(
+                    11 + j, str(tiny_library), experts, ws, strategy="expand"))
+            if "mix" in kinds:  # strategy "" -> the worker's default, "mix"
+                jobs[("mix", name, p)] = (ids, routing_request(21 + j, str(tiny_library),
+                                                               experts, ws))
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def stock_results(loop, tiny_model_dir, tiny_library, disk_adapters, prompt_ids):
+    """Plugin off (vLLM's stock CPU ops): disk adapters, in-worker expand, base; a "mix"
+    adapter refused with a clear error. Runs, then shuts its engine down."""
+    llm = loop.run(asyncio.to_thread(_start, tiny_model_dir, PluginConfig(enabled=False)))
+    try:
+        # At most 7 adapters at once in 8 slots: the stock op's -1 -> last-slot bug (NOTES)
+        # cannot touch the base requests.
+        jobs = _jobs(prompt_ids, tiny_library, disk_adapters, kinds=("disk",))
+        results = loop.run(_run_batch(llm, jobs))
+        jobs = _jobs(prompt_ids, tiny_library, disk_adapters, kinds=("expand",))
+        results.update(loop.run(_run_batch(llm, jobs)))
+        mix = routing_request(99, str(tiny_library), [0], [1.0], strategy="mix")
+        try:
+            loop.run(llm.add_lora(mix))
+            mix_error = None
+        except Exception as e:  # noqa: BLE001 - the message is what we check
+            mix_error = str(e)
+        loop.run(llm.check_health())
+        return results, mix_error
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def plugin_llm(loop, tiny_model_dir, tiny_library, stock_results):
+    """Plugin on, library preloaded, default in-worker strategy "mix"."""
+    llm = loop.run(asyncio.to_thread(_start, tiny_model_dir,
+                                     PluginConfig(library=str(tiny_library))))
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def plugin_results(loop, plugin_llm, tiny_library, disk_adapters, prompt_ids):
+    base_alone = loop.run(_run_batch(plugin_llm, {p: (ids, None)
+                                                  for p, ids in enumerate(prompt_ids)}))
+    jobs = _jobs(prompt_ids, tiny_library, disk_adapters, kinds=("disk", "expand", "mix"))
+    return base_alone, loop.run(_run_batch(plugin_llm, jobs))
+
+
+def _assert_same(got, want, what):
+    toks, lps, plps = got
+    toks_w, lps_w, plps_w = want
+    assert toks == toks_w, f"{what}: tokens differ"
+    for a, b in zip(lps + plps, lps_w + plps_w, strict=True):
+        assert abs(a - b) <= LOGPROB_TOL, f"{what}: log-probabilities differ ({a} vs {b})"
+
+
+def test_four_paths_agree(plugin_results, stock_results):
+    _, got = plugin_results
+    stock, _ = stock_results
+    for name in ROUTINGS:
+        for p in range(len(PROMPTS)):
+            want = stock[("disk", name, p)]  # vLLM's own ops on the disk merge
+            for kind in ("disk", "expand", "mix"):
+                _assert_same(got[(kind, name, p)], want, f"plugin {kind} {name} prompt {p}")
+            _assert_same(stock[("expand", name, p)], want, f"stock expand {name} prompt {p}")
+
+
+def test_adapters_change_outputs(plugin_results):
+    """Guard against a vacuous agreement: every routing moves the prompt log-probabilities
+    away from the base model's, and from the other routings'."""
+    _, got = plugin_results
+    for p in range(len(PROMPTS)):
+        rows = [got[("base", None, p)][2]] + [got[("mix", n, p)][2] for n in ROUTINGS]
+        for i in range(len(rows)):
+            for j in range(i):
+                assert max(abs(a - b) for a, b in zip(rows[i], rows[j], strict=True)) > 0.05
+
+
+def test_base_requests_batched_with_adapters_equal_base_alone(plugin_results, stock_results):
+    alone, got = plugin_results
+    stock, _ = stock_results
+    for p in range(len(PROMPTS)):
+        _assert_same(got[("base", None, p)], alone[p], f"base prompt {p} in a mixed batch")
+        _assert_same(stock[("base", None, p)], alone[p], f"stock base prompt {p}")
+
+
+def test_mix_refused_without_plugin_ops(stock_results):
+    _, mix_error = stock_results
+    assert mix_error is not None and "plugin's LoRA ops" in mix_error
+
+
+def test_worker_holds_bank_and_routes(loop, plugin_llm, plugin_results, tiny_library):
+    (info,) = loop.run(plugin_llm.collective_rpc("ttmm_info"))
+    assert info["mix_ops_active"] and info["config"]["worker_merge"] == "mix"
+    (bank,) = info["banks"].values()
+    assert bank["experts"] == [0, 1, 2, 3] and bank["layers"] == 8  # 2 layers x 4 LoRA layers
+    assert info["routes"][21] == [[0, 2], [0.3, 0.7]]
+    assert info["ranks"][1] == 8 and info["ranks"][12] == 12  # disk "a"; expand "b"
+
+
+def test_rerouting_a_live_mix_adapter(loop, plugin_llm, plugin_results, tiny_library,
+                                      prompt_ids):
+    """The routing of a "mix" adapter id changes in the worker (no new adapter, no reload):
+    later requests with that id, and the rest of a request in flight, follow it."""
+    _, got = plugin_results
+    ids_a, ws_a = ROUTINGS["a"]
+    ids_c, ws_c = ROUTINGS["c"]
+    lora = routing_request(41, str(tiny_library), ids_a, ws_a, tag=uuid.uuid4().hex)
+
+    async def sequential():
+        first = await _generate(plugin_llm, prompt_ids[0], lora)
+        await reroute(plugin_llm, 41, ids_c, ws_c)
+        second = await _generate(plugin_llm, prompt_ids[1], lora)
+        await reroute(plugin_llm, 41, ids_a, ws_a)
+        return first, second
+
+    first, second = loop.run(sequential())
+    _assert_same(first, got[("mix", "a", 0)], "before re-routing")
+    _assert_same(second, got[("mix", "c", 1)], "after re-routing to 'c'")
+
+    async def in_flight():
+        """Switch after the first streamed tokens of a long request."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        req = routing_request(42, str(tiny_library), ids_a, ws_a, tag=uuid.uuid4().hex)
+        await plugin_llm.add_lora(req)
+        params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        toks, switched_at = [], None
+        async for out in plugin_llm.generate({"prompt_token_ids": prompt_ids[2]}, params,
+                                             uuid.uuid4().hex, lora_request=req):
+            toks += out.outputs[0].token_ids
+            if switched_at is None:
+                switched_at = len(toks)
+                await reroute(plugin_llm, 42, ids_c, ws_c)
+        unswitched = await _generate(plugin_llm, prompt_ids[2],
+                                     routing_request(43, str(tiny_library), ids_a, ws_a,
+                                                     tag="unswitched"), max_tokens=48)
+        return toks, switched_at, unswitched[0]
+
+    toks, switched_at, unswitched = loop.run(in_flight())
+    assert toks[:switched_at] == unswitched[:switched_at]
+    assert toks != unswitched  # the rest of the request followed the new routing

@@ -1,0 +1,292 @@
+"""The plugin's multi-LoRA ops for the CPU: pure torch, no vLLM import.
+
+Why not vLLM's stock CPU ops (`vllm/lora/ops/torch_ops/lora_ops.py`): they gather a whole
+`(out, max_lora_rank)` matrix for every token and run an einsum over it, so the cost grows with
+`max_lora_rank` and is paid even by tokens without an adapter (NOTES.md: 80-100x a base
+projection at 32 tokens). Two ops replace them here:
+
+- `grouped_lora_linear`: ordinary adapters in vLLM's slot buffers. Tokens are grouped by
+  slot; each active slot costs one matrix-product pair per output slice, at the adapter's real
+  rank; tokens without an adapter cost nothing.
+- `mix_lora_linear`: TTMM routing adapters. Every expert of a library is resident per layer as
+  stacked factors, scaling folded into B. A batch costs two GEMMs per layer (one shrink over
+  the union of the experts in use, one expand per output slice) whatever the number of
+  requests, with each token's routing weights applied between them. Nothing is built per
+  request, and re-routing a request is changing its weights.
+
+Each op has a plain-torch twin (`*_ref`), written token by token from the semantics, that the
+tests hold the op to.
+
+Shapes follow vLLM's punica wrapper: x (T, in) token activations; y (T, sum(output_slices)) the
+base layer's output, updated in place; a packed layer (qkv_proj: 3 slices, gate_up_proj: 2)
+writes slice i at columns [offset_i, offset_i + output_slices[i]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Rows = slice | torch.Tensor  # a contiguous run of tokens (views, no copy) or token indices
+
+
+# --------------------------------------------------------------------------- token groups
+
+
+def group_rows_by_slot(token_slots: torch.Tensor, skip: Container[int] = ()) -> dict[int, Rows]:
+    """Tokens of each slot: {slot: rows}, for slots >= 0 that are not in `skip`.
+
+    token_slots: (T,) int64, the slot of each token (-1: no adapter). Rows are a `slice` when
+    the slot's tokens are contiguous (every prefill segment, and decode batches with one
+    request per adapter), else an int64 index tensor in increasing order.
+    """
+    if token_slots.numel() == 0:
+        return {}
+    order = torch.argsort(token_slots, stable=True)
+    slots, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    firsts = order[starts].tolist()
+    lasts = order[ends - 1].tolist()
+    out: dict[int, Rows] = {}
+    for s, c, b, f, la in zip(slots.tolist(), counts.tolist(), starts.tolist(), firsts, lasts,
+                              strict=True):
+        if s < 0 or s in skip:
+            continue
+        out[s] = slice(f, la + 1) if la - f + 1 == c else order[b:b + c]
+    return out
+
+
+@dataclass(frozen=True)
+class SlotGroup:
+    """The tokens of one active slot and the real rank of the adapter in it."""
+
+    slot: int
+    rank: int
+    rows: Rows
+
+
+def _take_rows(x: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    if rows is None:
+        return x
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _add_rows(y: torch.Tensor, rows: Rows | None, h: torch.Tensor, b: torch.Tensor) -> None:
+    """y[rows] += h @ b.T, accumulating in place (no temporary when rows are contiguous)."""
+    if rows is None:
+        y.addmm_(h, b.T)
+    elif isinstance(rows, slice):
+        y[rows].addmm_(h, b.T)
+    else:
+        y.index_add_(0, rows, h @ b.T)
+
+
+# --------------------------------------------------------------------------- grouped op
+
+
+def grouped_lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: Sequence[torch.Tensor],
+    lora_b_stacked: Sequence[torch.Tensor],
+    groups: Sequence[SlotGroup],
+    output_slices: Sequence[int],
+    scale: float = 1.0,
+    offset_start: int = 0,
+) -> None:
+    """Multi-LoRA on vLLM's slot buffers, one matrix-product pair per active slot and slice.
+
+    Args:
+        y: (T, >= offset_start + sum(output_slices)), updated in place.
+        x: (T, in).
+        lora_a_stacked[i]: (S, 1, max_rank, in), slice i's A of every slot.
+        lora_b_stacked[i]: (S, 1, out_i, max_rank), slice i's B of every slot.
+        groups: the active slots, their tokens and real ranks. vLLM zeroes a slot before
+            copying an adapter in, so columns past the real rank are zero and skipping them
+            is exact.
+        output_slices: (out_0, out_1, ...).
+
+    Semantics:
+        for g in groups:
+            offset = offset_start
+            for i in range(len(output_slices)):
+                A = lora_a_stacked[i][g.slot, 0, :g.rank, :]  # (r, in)
+                B = lora_b_stacked[i][g.slot, 0, :, :g.rank]  # (out_i, r)
+                y[g.rows, offset:offset + out_i] += scale * (x[g.rows] @ A.T) @ B.T
+                offset += out_i
+    """
+    for g in groups:
+        xs = _take_rows(x, g.rows)
+        offset = offset_start
+        for a_all, b_all, n in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            a = a_all[g.slot, 0, : g.rank]
+            b = b_all[g.slot, 0, :, : g.rank]
+            if a.dtype != x.dtype:
+                a, b = a.to(x.dtype), b.to(x.dtype)
+            h = xs @ a.T  # (T_g, r)
+            if scale != 1.0:
+                h.mul_(scale)
+            _add_rows(y[:, offset:offset + n], g.rows, h, b)
+            offset += n
+
+
+def grouped_lora_linear_ref(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: Sequence[torch.Tensor],
+    lora_b_stacked: Sequence[torch.Tensor],
+    token_slots: torch.Tensor,
+    output_slices: Sequence[int],
+    scale: float = 1.0,
+    offset_start: int = 0,
+) -> None:
+    """Plain twin of `grouped_lora_linear`: token by token, full `max_rank` buffers, -1 skipped."""
+    for t, s in enumerate(token_slots.tolist()):
+        if s < 0:
+            continue
+        offset = offset_start
+        for a_all, b_all, n in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            a = a_all[s, 0].to(x.dtype)
+            b = b_all[s, 0].to(x.dtype)
+            y[t, offset:offset + n] += scale * (b @ (a @ x[t]))
+            offset += n
+
+
+# --------------------------------------------------------------------------- mix op
+
+
+def stack_expert_factors(
+    factors: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor] | None]],
+    scalings: Sequence[float],
+    ranks: Sequence[int],
+    in_dim: int,
+    output_slices: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Stack K experts' factors for `mix_lora_linear`, scaling folded into B.
+
+    Args:
+        factors[k][i]: expert k's (A (r_k, in), B (out_i, r_k)) for output slice i, or None
+            when the expert does not adapt that slice (it then contributes zero).
+        scalings[k]: s_k = alpha_k / r_k.
+        ranks[k]: r_k.
+
+    Returns:
+        a_cat (n * R, in) with R = sum r_k: slice i's rows are [i*R, (i+1)*R), expert k's
+        at [i*R + off_k, i*R + off_k + r_k) with off_k = sum of r_j for j < k;
+        b_slices[i] (out_i, R): expert k's columns [off_k, off_k + r_k) hold s_k * B_ik.
+    """
+    n, big_r = len(output_slices), sum(ranks)
+    a_cat = torch.zeros(n * big_r, in_dim, dtype=dtype)
+    b_slices = [torch.zeros(out, big_r, dtype=dtype) for out in output_slices]
+    off = 0
+    for k, (per_slice, s, r) in enumerate(zip(factors, scalings, ranks, strict=True)):
+        for i, ab in enumerate(per_slice):
+            if ab is None:
+                continue
+            a, b = ab
+            if a.shape != (r, in_dim) or b.shape != (output_slices[i], r):
+                raise ValueError(
+                    f"expert {k} slice {i}: A {tuple(a.shape)} / B {tuple(b.shape)} do not "
+                    f"match rank {r}, in {in_dim}, out {output_slices[i]}"
+                )
+            a_cat[i * big_r + off: i * big_r + off + r] = a
+            b_slices[i][:, off:off + r] = b.to(torch.float64).mul(s).to(dtype)
+        off += r
+    return a_cat, b_slices
+
+
+def expand_weights(weights: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """(T, K) per-token expert weights -> (T, sum r_k): w_tk repeated over expert k's columns."""
+    return weights.repeat_interleave(ranks, dim=1)
+
+
+def mix_lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_cat: torch.Tensor,
+    b_slices: Sequence[torch.Tensor],
+    output_slices: Sequence[int],
+    col_weights: torch.Tensor,
+    rows: Rows | None = None,
+    cols: torch.Tensor | None = None,
+    scale: float = 1.0,
+    offset_start: int = 0,
+) -> None:
+    """Every token's own weighted sum of resident experts, in two GEMMs (plus one per slice).
+
+    Args:
+        y: (T, >= offset_start + sum(output_slices)), updated in place.
+        x: (T, in).
+        a_cat: (n * R, in), b_slices[i]: (out_i, R): the stacked experts of one layer
+            (`stack_expert_factors`; B already scaled by s_k).
+        col_weights: (T', R') weight of each rank column for each computed token, w_tk
+            repeated r_k times (`expand_weights`); T' = number of `rows`, R' = len(cols).
+            (1, R') when all these tokens have the same weights (one request's segment).
+        rows: the tokens that have a routing (a slice or indices); None: all T tokens.
+        cols: the rank columns of the experts in use (the union U over the batch), increasing;
+            None: all R columns. Selecting copies the factors, so the caller passes None when
+            U covers most columns (zero weights then cost compute, not correctness).
+
+    Semantics:
+        for t in rows:
+            offset = offset_start
+            for i in range(n):
+                y[t, offset:offset + out_i] += scale * sum_k w_tk * B_ik @ (A_ik @ x[t])
+                offset += out_i
+        computed as
+            h = x[rows] @ A_U.T              # (T', n * R'): one shrink for all slices
+            h *= col_weights (per slice)      # token t's weights, column by column
+            y[rows, slice i] += h_i @ B_iU.T  # one expand per slice
+    """
+    n = len(output_slices)
+    big_r = b_slices[0].shape[1]
+    if cols is not None:
+        cols_n = (cols.unsqueeze(0) + big_r * torch.arange(n).unsqueeze(1)).reshape(-1)
+        a_cat = a_cat.index_select(0, cols_n)
+        b_slices = [b.index_select(1, cols) for b in b_slices]
+    r = b_slices[0].shape[1]
+    xs = _take_rows(x, rows)
+    if a_cat.dtype != x.dtype:
+        a_cat, b_slices = a_cat.to(x.dtype), [b.to(x.dtype) for b in b_slices]
+    h = xs @ a_cat.T  # (T', n * r)
+    w = col_weights.to(h.dtype)
+    if scale != 1.0:
+        w = w * scale
+    h.view(h.shape[0], n, r).mul_(w.unsqueeze(1))
+    offset = offset_start
+    for i, (b, out) in enumerate(zip(b_slices, output_slices, strict=True)):
+        _add_rows(y[:, offset:offset + out], rows, h[:, i * r:(i + 1) * r], b)
+        offset += out
+
+
+def mix_lora_linear_ref(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    factors: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor] | None]],
+    scalings: Sequence[float],
+    weights: torch.Tensor,
+    output_slices: Sequence[int],
+    scale: float = 1.0,
+    offset_start: int = 0,
+) -> None:
+    """Plain twin of `mix_lora_linear`: y_t += scale * sum_k w_tk s_k B_k A_k x_t, token by token.
+
+    factors[k][i] = expert k's (A, B) for slice i or None; weights (T, K), a zero row for a
+    token without a routing.
+    """
+    for t in range(x.shape[0]):
+        offset = offset_start
+        for i, n in enumerate(output_slices):
+            acc = torch.zeros(n, dtype=torch.float64)
+            for k, per_slice in enumerate(factors):
+                w = float(weights[t, k])
+                if w == 0.0 or per_slice[i] is None:
+                    continue
+                a, b = per_slice[i]
+                acc += w * scalings[k] * (b.double() @ (a.double() @ x[t].double()))
+            y[t, offset:offset + n] += (scale * acc).to(y.dtype)
+            offset += n

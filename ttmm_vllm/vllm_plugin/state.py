@@ -1,0 +1,128 @@
+"""The plugin's state in one vLLM worker process: config, expert banks, live routings.
+
+One `PluginState` per process (`STATE`). vLLM's worker is single-threaded: adapters load,
+routings change (through `collective_rpc`) and forward passes run one after another in the
+engine loop, so no lock is needed. Every change that the LoRA op's per-step metadata depends
+on bumps `version`; the punica wrapper rebuilds its metadata when it sees a new version, which
+is how a re-routing takes effect at the next step even when vLLM does not call
+`update_metadata` (it skips it when the batch mapping is unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ttmm_vllm.vllm_plugin.bank import ExpertBank, layouts_from_manager
+from ttmm_vllm.vllm_plugin.config import PluginConfig
+
+
+@dataclass(frozen=True)
+class Route:
+    """A "mix" adapter's routing: weights over its bank's experts."""
+
+    bank: ExpertBank
+    expert_ids: tuple[int, ...]
+    weights: tuple[float, ...]
+    vector: torch.Tensor  # (K,) float32, bank order
+    name: str = ""  # the adapter name it was loaded from
+
+
+class PluginState:
+    def __init__(self) -> None:
+        self.config = PluginConfig()
+        self.configured = False  # set once the worker's vLLM config has been read
+        self.manager: Any = None  # vLLM LoRAModelManager (worker side)
+        self.layer_names: dict[int, str] = {}  # id(layer.lora_a_stacked) -> vLLM module name
+        self.banks: dict[str, ExpertBank] = {}
+        self.routes: dict[int, Route] = {}  # lora_int_id -> routing of a "mix" adapter
+        self.ranks: dict[int, int] = {}  # lora_int_id -> real rank of an ordinary adapter
+        self.mix_ops_active = False  # the plugin's punica wrapper is in use
+        self.version = 0
+
+    # ---- lifecycle (called from the patches in vllm_plugin/__init__.py)
+
+    def configure(self, config: PluginConfig) -> None:
+        self.config = config
+        self.configured = True
+
+    def attach_manager(self, manager: Any) -> None:
+        """Remember vLLM's LoRA model manager, whose layers the banks are stacked for."""
+        self.manager = manager
+        self.layer_names = {id(m.lora_a_stacked): name for name, m in manager.modules.items()
+                            if isinstance(getattr(m, "lora_a_stacked", None), tuple)}
+        self.banks.clear()
+        self.routes.clear()
+        self.ranks.clear()
+        self.version += 1
+
+    # ---- banks
+
+    def bank(self, root: str | Path) -> ExpertBank:
+        """The bank of a library, loaded on first use (once per process)."""
+        key = _key(root)
+        bank = self.banks.get(key)
+        return bank if bank is not None else self.reload_bank(key)
+
+    def reload_bank(self, root: str | Path) -> ExpertBank:
+        """Re-read a library's active experts (after a live add/remove in its manifest).
+
+        Adapters already loaded keep the bank they were built on (their `Route` holds it),
+        so requests in flight are unaffected; new adapters use the new bank.
+        """
+        key = _key(root)
+        if self.manager is None:
+            raise RuntimeError("ttmm: no vLLM LoRA manager yet (is LoRA enabled?)")
+        layouts = layouts_from_manager(self.manager)
+        if not layouts:
+            raise RuntimeError("ttmm: the model has no linear LoRA layers to adapt")
+        dtype = next(iter(self.manager.modules.values())).lora_a_stacked[0].dtype
+        bank = ExpertBank.load(key, layouts, dtype, self.config.verify_checksums)
+        self.banks[key] = bank
+        self.version += 1
+        return bank
+
+    def forget_bank(self, root: str | Path) -> None:
+        self.banks.pop(_key(root), None)
+
+    # ---- adapters and routings
+
+    def set_route(self, lora_int_id: int, bank: ExpertBank, expert_ids: Sequence[int],
+                  weights: Sequence[float], name: str = "") -> None:
+        vector = bank.weights_vector(expert_ids, weights)
+        self.routes[lora_int_id] = Route(bank, tuple(int(i) for i in expert_ids),
+                                         tuple(float(w) for w in weights), vector, name)
+        self.ranks.pop(lora_int_id, None)
+        self.version += 1
+
+    def change_route(self, lora_int_id: int, expert_ids: Sequence[int],
+                     weights: Sequence[float]) -> None:
+        """Re-route a live "mix" adapter (the bank stays that of its library)."""
+        route = self.routes.get(lora_int_id)
+        if route is None:
+            raise KeyError(f"ttmm: LoRA id {lora_int_id} is not a loaded 'mix' routing adapter")
+        self.set_route(lora_int_id, route.bank, expert_ids, weights, route.name)
+
+    def note_ordinary(self, lora_int_id: int, rank: int) -> None:
+        """An ordinary adapter (disk or "expand") was loaded under this id, with this rank."""
+        self.ranks[lora_int_id] = int(rank)
+        self.routes.pop(lora_int_id, None)
+        self.version += 1
+
+    def prune(self, keep: set[int]) -> None:
+        """Forget routings and ranks of adapters vLLM no longer holds (bounded bookkeeping)."""
+        for table in (self.routes, self.ranks):
+            for k in [k for k in table if k not in keep]:
+                del table[k]
+        self.version += 1
+
+
+def _key(root: str | Path) -> str:
+    return str(Path(root).expanduser().resolve())
+
+
+STATE = PluginState()

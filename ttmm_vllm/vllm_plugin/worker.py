@@ -1,0 +1,59 @@
+"""Worker-side RPCs, added to vLLM's worker class through `worker_extension_cls`.
+
+vLLM 0.32's `AsyncLLM.collective_rpc(method: str, args=...)` calls a method by name on every
+worker; `ParallelConfig.worker_extension_cls` mixes this class into the worker class so the
+names exist (`config.engine_kwargs` sets it). The calls run in the engine loop between steps,
+so a routing never changes in the middle of a forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ttmm_vllm.vllm_plugin.state import STATE
+
+
+class TTMMWorkerExtension:
+    def ttmm_set_routing(self, lora_int_id: int, expert_ids: Sequence[int],
+                         weights: Sequence[float]) -> bool:
+        """Re-route a live "mix" adapter: the tokens computed from the next step on use it."""
+        STATE.change_route(int(lora_int_id), expert_ids, weights)
+        return True
+
+    def ttmm_get_routing(self, lora_int_id: int) -> tuple[list[int], list[float]] | None:
+        route = STATE.routes.get(int(lora_int_id))
+        return None if route is None else (list(route.expert_ids), list(route.weights))
+
+    def ttmm_add_expert(self, library_root: str, expert_id: int) -> bool:
+        """Make an expert just committed to the library's manifest servable in this worker."""
+        bank = STATE.reload_bank(library_root)  # loads the bank if it was not resident
+        if int(expert_id) not in bank.index_of:
+            raise RuntimeError(f"ttmm: expert {expert_id} is not active in {library_root}")
+        return True
+
+    def ttmm_remove_expert(self, library_root: str, expert_id: int) -> bool:
+        """Drop a removed expert from the resident bank; adapters in flight keep theirs."""
+        from ttmm_vllm.library import Library
+        from ttmm_vllm.vllm_plugin.state import _key
+
+        if _key(library_root) not in STATE.banks:
+            return True  # not loaded yet: a later first use reads the new manifest
+
+        if Library.open(library_root, verify_checksums=False).manifest.active_experts:
+            STATE.reload_bank(library_root)
+        else:
+            STATE.forget_bank(library_root)
+        return True
+
+    def ttmm_info(self) -> dict[str, Any]:
+        """What the plugin holds in this worker (for health pages and tests)."""
+        return {
+            "config": STATE.config.to_dict(),
+            "mix_ops_active": STATE.mix_ops_active,
+            "banks": {root: {"experts": list(b.expert_ids), "layers": len(b.modules),
+                             "bytes": b.nbytes} for root, b in STATE.banks.items()},
+            "routes": {k: [list(r.expert_ids), list(r.weights)]
+                       for k, r in STATE.routes.items()},
+            "ranks": dict(STATE.ranks),
+        }

@@ -1,0 +1,94 @@
+"""Merging inside the worker: a routing adapter becomes a LoRAModel with no file read.
+
+Called from the plugin's patch of `WorkerLoRAManager._load_adapter` for requests whose name
+carries a routing (`protocol.py`). Two strategies:
+
+- "mix": a placeholder LoRAModel (no weights: vLLM zeroes its slot) plus the routing in
+  `STATE.routes`; the plugin's punica wrapper sends its tokens through the mix op over the
+  library's resident bank. Costs nothing per request; the routing stays mutable.
+- "expand": the exact rank-expanded merge (`merge.merge_experts`) of views into the bank,
+  turned into a LoRAModel with `LoRAModel.from_lora_tensors`. An ordinary adapter from then
+  on: it works with vLLM's stock ops and on GPUs. Above `max_lora_rank` it is compressed to it
+  by SVD (logged with its relative error).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.lora_weights import LoRALayerWeights
+from vllm.lora.peft_helper import PEFTHelper
+
+from ttmm_vllm.merge import merge_experts
+from ttmm_vllm.vllm_plugin.protocol import RoutingSpec
+from ttmm_vllm.vllm_plugin.state import STATE, PluginState
+
+log = logging.getLogger("vllm.ttmm.worker_merge")  # a child of vLLM's logger: shown with its logs
+
+# The placeholder's only entry: a name no model has, so vLLM finds no weights for any layer
+# (it zeroes the adapter's slot) while `_create_merged_loras_inplace`, which reads the first
+# entry, still has one.
+PLACEHOLDER_MODULE = "ttmm.routing_placeholder"
+_PEFT_PREFIX = "base_model.model."
+
+
+def load_routing_adapter(worker_manager: Any, lora_request: Any, spec: RoutingSpec,
+                         state: PluginState = STATE) -> LoRAModel:
+    """Build the adapter a routing LoRARequest names (see the module docstring)."""
+    strategy = spec.strategy or state.config.worker_merge
+    lora_id = lora_request.lora_int_id
+    if strategy == "off":
+        raise ValueError("ttmm: in-worker merging is off (PluginConfig.worker_merge='off'); "
+                         f"routing adapter {lora_request.lora_name!r} cannot be served")
+    bank = state.bank(lora_request.lora_path)
+    if strategy == "mix":
+        if not state.mix_ops_active:
+            raise ValueError("ttmm: 'mix' routing adapters need the plugin's LoRA ops "
+                             "(PluginConfig.enabled=True on the CPU backend); use 'expand'")
+        live = state.routes.get(lora_id)
+        if live is None or live.bank is not bank or live.name != lora_request.lora_name:
+            state.set_route(lora_id, bank, spec.expert_ids, spec.weights, lora_request.lora_name)
+        # else: vLLM evicted this adapter from its cache and reloads it; a re-routing made
+        # since (`ttmm_set_routing`) stays in force rather than reverting to the name's.
+        return placeholder_adapter(lora_id, worker_manager._lora_model_cls)
+    merged = merge_experts(bank.expert_views(spec.expert_ids), spec.weights,
+                           rank_budget=worker_manager.lora_config.max_lora_rank)
+    if merged.rel_error > 0:
+        log.warning("ttmm: expand merge of %s has rank %d > max_lora_rank; compressed by SVD "
+                    "(relative error %.3g)", lora_request.lora_name,
+                    sum(bank.ranks[bank.index_of[e]] for e in spec.expert_ids), merged.rel_error)
+    tensors = {}
+    for name, (a, b) in merged.modules.items():
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b
+    helper = PEFTHelper(r=merged.rank, lora_alpha=merged.rank,
+                        target_modules=sorted({n.rsplit(".", 1)[-1] for n in merged.modules}))
+    helper.validate_legal(worker_manager.lora_config)
+    lora = worker_manager._lora_model_cls.from_lora_tensors(
+        lora_model_id=lora_id, tensors=tensors, peft_helper=helper, device="cpu",
+        dtype=worker_manager.lora_config.lora_dtype,
+        model_vocab_size=worker_manager.vocab_size,
+    )
+    state.note_ordinary(lora_id, merged.rank)
+    return lora
+
+
+def placeholder_adapter(lora_id: int, cls: type[LoRAModel] = LoRAModel) -> LoRAModel:
+    """A LoRAModel that adapts no layer of the model (its slot stays zero)."""
+    import torch
+
+    w = LoRALayerWeights(PLACEHOLDER_MODULE, 1, 1, torch.zeros(1, 1), torch.zeros(1, 1))
+    return cls(lora_id, 1, {PLACEHOLDER_MODULE: w})
+
+
+def adapter_rank(lora: LoRAModel) -> int:
+    """The largest rank among an adapter's layers (its real rank in vLLM's slot buffers)."""
+    rank = 0
+    for w in lora.loras.values():
+        a = w.lora_a
+        for t in a if isinstance(a, list) else [a]:
+            if t is not None:
+                rank = max(rank, int(t.shape[0]))
+    return rank or int(lora.rank)
