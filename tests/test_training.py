@@ -52,8 +52,10 @@ def built(tmp_path_factory, corpus, tiny_model_dir, tiny_embedder_dir):
     root = tmp_path_factory.mktemp("build")
     src = _write_corpus(root / "corpus.jsonl", corpus)
     out = root / "lib"
+    # plain experts only (tests/test_branching.py covers the branched ones)
     rc = main(_args(src, tiny_model_dir, tiny_embedder_dir, out, "--multitask",
-                    "--tune-docs", "12", "--betas", "0.05", "0.5", "--taus", "0", "0.1"))
+                    "--branch-from-multitask", "off", "--tune-docs", "12", "--betas", "0.05",
+                    "0.5", "--taus", "0", "0.1"))
     assert rc == 0
     return out
 
@@ -152,16 +154,21 @@ def test_tuning_picks_from_the_grid_and_sets_the_defaults(built):
     r = lib.manifest.router
     report = json.loads((built / "report.json").read_text())
     grid = report["tuning"]["grid"]
-    assert len(grid) == 2 * 2 * 2  # variants x betas x taus
+    assert len(grid) == 2 * 3 * 2 * 2  # variants x max_active (1, 3, 10) x betas x taus
     best = min(grid, key=lambda p: p["perplexity"])
-    assert (r.beta, r.tau, r.sparse_softmax) == (best["beta"], best["tau"], best["variant"])
+    assert (r.beta, r.tau, r.sparse_softmax, r.max_active) == (
+        best["beta"], best["tau"], best["variant"], best["max_active"])
     assert r.beta in (0.05, 0.5) and r.tau in (0.0, 0.1) and r.query_tokens == 16
     assert r.ood_threshold is not None and -1 <= r.ood_threshold <= 1
     assert set(report["tuning"]["best_by_variant"]) == {"paper", "threshold"}
+    assert report["branch"]["chosen"] == "plain" and list(report["tuning"]["by_set"]) == [
+        "plain"]
     assert (built / "report.md").read_text().startswith("# Library build report")
     assert (built / "tuning.png").stat().st_size > 0
-    # the evaluation covers every cluster: base vs own expert
-    assert {row["cluster"] for row in report["tuning"]["per_cluster"]} == set(range(K))
+    # routing accuracy of both embeddings on the tuning documents, the better one kept
+    by_kind = report["routing"]["by_kind"]
+    assert set(by_kind) == {"sentence-transformers", "base-hidden"}
+    assert all(0 <= m["pass_tune"]["1"] <= m["pass_tune"]["3"] <= 1 for m in by_kind.values())
 
 
 def test_multitask_adapter_is_in_the_library(built, tiny_model_dir):
@@ -304,6 +311,11 @@ def test_clusters_are_numbered_by_size():
     ({"query_tokens": 2048}, r"query_tokens \(2048\) must be < max_tokens \(1024\)"),
     ({"variants": ("paper", "best")}, "variants must be among"),
     ({"max_docs_per_expert": 0}, "max_docs_per_expert must be >= 1, got 0"),
+    ({"branch_from_multitask": "yes"}, "branch_from_multitask 'yes' is not one of"),
+    ({"embedder_kind": "bert"}, "embedder_kind 'bert' is not one of"),
+    ({"embedder": Path()}, "embedder is required with embedder_kind 'auto'"),
+    ({"active_counts": (0, 3)}, r"active_counts must be numbers >= 1, got \(0, 3\)"),
+    ({"test_docs": -1}, "test_docs must be >= 0, got -1"),
 ])
 def test_bad_settings_are_refused_by_name(kw, message):
     base = {"corpus": "c.jsonl", "out": Path("lib"), "base_model": Path("m"),

@@ -18,6 +18,8 @@ from ttmm_vllm.library import LLAMA_TARGETS
 
 VARIANTS = ("paper", "threshold")
 EMBEDDER_KINDS = ("sentence-transformers", "base-hidden")
+ROUTING_EMBEDDINGS = (*EMBEDDER_KINDS, "auto")
+BRANCH_MODES = ("auto", "on", "off")
 BISECTING_STRATEGIES = ("biggest_inertia", "largest_cluster")
 
 
@@ -49,9 +51,17 @@ class BuildConfig:
                            "'hf:<dataset>' (see ttmm_vllm.sources)")
     out: Path = knob(Path(), "library directory to write")
     base_model: Path = knob(Path(), "base model folder (Hugging Face format, safetensors)")
-    embedder: Path = knob(Path(), "sentence-transformers model folder for routing embeddings")
-    embedder_kind: str = knob("sentence-transformers",
-                              f"embedding kind, one of {', '.join(EMBEDDER_KINDS)}")
+    embedder: Path = knob(Path(), "sentence-transformers model folder: clusters the corpus "
+                                  "and is one routing embedding (optional with "
+                                  "--embedder-kind base-hidden)")
+    embedder_kind: str = knob(
+        "auto",
+        "the query/centroid embedding the library routes with: 'sentence-transformers' "
+        "(--embedder), 'base-hidden' (the base model's mean-pooled last hidden states; no "
+        "embedder folder needed) or 'auto' (both are scored on the tuning documents by "
+        "pass@1, is a document's own cluster the top centroid for its prefix, and the better "
+        "is kept; a tie keeps sentence-transformers, the cheaper one to serve). The clusters "
+        "always come from --embedder when it is given")
     work_dir: Path | None = knob(None, "stage cache (default: OUT/.build); delete it to redo "
                                        "every stage")
     home: Path | None = knob(None, "TTMM_HOME for named corpora", cli=False)
@@ -87,6 +97,16 @@ class BuildConfig:
                              "to finish (or a plain rerun) writes the library")
     multitask: bool = knob(False, "also train one adapter on all experts' training documents "
                                   "(the fine-tuning baseline, equal token budget)")
+    branch_from_multitask: str = knob(
+        "auto",
+        "train the experts from the multitask model instead of the base: the multitask adapter "
+        "is folded into the base weights (a checkpoint in the library, branched/base, served "
+        "under the experts) and each expert is trained from it on its cluster. 'on' (or the "
+        "bare flag; implies --multitask), 'off' (experts from the base, the paper), or 'auto': "
+        "when --multitask is given, train both expert sets, tune each on the tuning documents "
+        "and keep the one with the lower tuned perplexity (without tuning, 'auto' branches: "
+        "it won on both corpora measured, see the notes)",
+        const="on")
     # ---- Ray (optional: pip install 'ttmm-vllm[ray]'; training/ray_build.py)
     ray: str | None = knob(None, "train the experts as Ray tasks: 'local' (or the bare flag) "
                                  "starts a Ray on this machine, 'auto' joins the running "
@@ -101,11 +121,21 @@ class BuildConfig:
     # ---- routing and tuning
     query_tokens: int = knob(50, "prefix tokens used as the routing query (and the tuning "
                                  "split: prefix -> routing, suffix -> perplexity)")
-    max_active: int = knob(10, "most experts merged for one prompt")
-    tune: bool = knob(True, "tune beta/tau on the holdout (else keep the paper's defaults)")
+    max_active: int = knob(10, "most experts merged for one prompt (the default when not "
+                               "tuning, and the cap on --active-counts)")
+    active_counts: tuple[int, ...] = knob((1, 3, 10), "max_active values tuning tries (those "
+                                                     "above --max-active are dropped)")
+    tune: bool = knob(True, "tune beta/tau/max_active on the holdout (else keep the paper's "
+                            "defaults)")
     tune_docs: int = knob(128, "holdout documents used for tuning (spread over clusters)")
-    betas: tuple[float, ...] = knob((0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
-                                    "temperatures tried (cos / beta)")
+    test_docs: int = knob(128, "further holdout documents, never tuned on, that the report's "
+                               "quality table and heat map are measured on")
+    heatmap: bool = knob(True, "score every expert alone on the test documents: the expert x "
+                               "cluster heat map (the paper's Figure 6, left); costs one "
+                               "evaluation pass per expert")
+    betas: tuple[float, ...] = knob((0.01, 0.02, 0.05, 0.1, 0.3, 1.0, 10.0),
+                                    "temperatures tried (cos / beta); large values reach "
+                                    "near-uniform weights over the active experts")
     taus: tuple[float, ...] = knob((0.0, 0.01, 0.03), "sparsity thresholds tried "
                                                       "(each must be < 1/K)")
     variants: tuple[str, ...] = knob(VARIANTS, "sparse-softmax variants tried: 'paper' "
@@ -123,8 +153,14 @@ class BuildConfig:
 
         need(bool(self.corpus), "corpus is required (a JSONL path or a named corpus)")
         need(str(self.out) not in ("", "."), "out (the library directory) is required")
-        need(self.embedder_kind in EMBEDDER_KINDS,
-             f"embedder_kind {self.embedder_kind!r} is not one of {EMBEDDER_KINDS}")
+        need(self.embedder_kind in ROUTING_EMBEDDINGS,
+             f"embedder_kind {self.embedder_kind!r} is not one of {ROUTING_EMBEDDINGS}")
+        need(self.has_sentence_embedder or self.embedder_kind == "base-hidden",
+             f"embedder is required with embedder_kind {self.embedder_kind!r} (only "
+             "'base-hidden' embeds with the base model alone)")
+        need(self.branch_from_multitask in BRANCH_MODES,
+             f"branch_from_multitask {self.branch_from_multitask!r} is not one of "
+             f"{BRANCH_MODES}")
         need(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
         need(self.max_tokens >= 2, f"max_tokens must be >= 2, got {self.max_tokens}")
         need(1 <= self.min_tokens <= self.max_tokens,
@@ -159,7 +195,10 @@ class BuildConfig:
              f"query_tokens ({self.query_tokens}) must be < max_tokens ({self.max_tokens}): "
              "the suffix after the query is what tuning scores")
         need(self.max_active >= 1, f"max_active must be >= 1, got {self.max_active}")
+        need(len(self.active_counts) > 0 and all(c >= 1 for c in self.active_counts),
+             f"active_counts must be numbers >= 1, got {self.active_counts}")
         need(self.tune_docs >= 1, f"tune_docs must be >= 1, got {self.tune_docs}")
+        need(self.test_docs >= 0, f"test_docs must be >= 0, got {self.test_docs}")
         need(len(self.betas) > 0 and all(math.isfinite(b) and b > 0 for b in self.betas),
              f"betas must be finite numbers > 0, got {self.betas}")
         need(len(self.taus) > 0 and all(0 <= t < 1 / self.k for t in self.taus),
@@ -182,6 +221,44 @@ class BuildConfig:
     @property
     def shard_index(self) -> tuple[int, int]:
         return parse_shard(self.shard)
+
+    @property
+    def has_sentence_embedder(self) -> bool:
+        return str(self.embedder) not in ("", ".")
+
+    @property
+    def cluster_embedder_kind(self) -> str:
+        """What the corpus is clustered with: the sentence embedder when one is given."""
+        return "sentence-transformers" if self.has_sentence_embedder else "base-hidden"
+
+    @property
+    def routing_candidates(self) -> tuple[str, ...]:
+        """The routing embeddings this build scores (one unless embedder_kind is 'auto')."""
+        if self.embedder_kind == "auto":
+            return EMBEDDER_KINDS
+        return (self.embedder_kind,)
+
+    @property
+    def branch_mode(self) -> str:
+        """'off' (experts from the base), 'on' (from the folded multitask model) or
+        'compare' (both, the tuned holdout perplexity decides): `branch_from_multitask`
+        resolved against --multitask and --tune."""
+        mode = self.branch_from_multitask
+        if mode == "auto":
+            if not self.multitask:
+                return "off"
+            return "compare" if self.tune else "on"
+        return mode
+
+    @property
+    def trains_multitask(self) -> bool:
+        return self.multitask or self.branch_mode != "off"
+
+    @property
+    def tuned_active_counts(self) -> tuple[int, ...]:
+        """The max_active values tuning tries: --active-counts capped at --max-active."""
+        return tuple(sorted({c for c in self.active_counts if c <= self.max_active}
+                            | {self.max_active}))
 
     @property
     def torch_threads(self) -> int:

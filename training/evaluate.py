@@ -173,3 +173,48 @@ def perplexity(nll: np.ndarray, count: np.ndarray) -> float:
     """Token-level perplexity over a set of documents: exp(sum nll / sum tokens)."""
     total = int(np.sum(count))
     return float(np.exp(np.sum(nll) / total)) if total else float("nan")
+
+
+class ScoreCache:
+    """Suffix NLLs of fixed texts under many weightings, each (text, weight row) scored once.
+
+    Tuning grids, the TTMM 1/3/10 rows and the expert x cluster heat map ask for many
+    weightings that coincide per document (sharp temperatures and max_active 1 all give the
+    top expert alone; the heat map's one-hot rows include every document's own and top
+    expert), so rows are keyed by their weights rounded to `decimals` and only new ones run.
+    """
+
+    def __init__(self, model, tokenizer, texts: Sequence[str], prefix_tokens: int, *,
+                 mixer: AdapterMixer | None = None, max_tokens: int = 1024,
+                 batch_size: int = 8, decimals: int = 4):
+        self.model, self.tokenizer, self.mixer = model, tokenizer, mixer
+        self.texts = list(texts)
+        self.prefix_tokens = prefix_tokens
+        self.max_tokens, self.batch_size, self.decimals = max_tokens, batch_size, decimals
+        self._done: dict[tuple[int, tuple], tuple[float, int]] = {}
+        self.passes = 0  # documents actually scored (for the log)
+
+    def score(self, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(nll, tokens) per text; weights (n_texts, n_adapters) for the mixer, None = the
+        model alone. A row of weights wider than the mixer's adapters is an error."""
+        n = len(self.texts)
+        if weights is None:
+            keys = [("base",)] * n
+        else:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape[0] != n:
+                raise ValueError(f"{weights.shape[0]} weight rows for {n} texts")
+            keys = [tuple(np.round(row, self.decimals).tolist()) for row in weights]
+        todo = [i for i in range(n) if (i, keys[i]) not in self._done]
+        if todo:
+            nll, cnt = suffix_nll(
+                self.model, self.tokenizer, [self.texts[i] for i in todo], self.prefix_tokens,
+                max_tokens=self.max_tokens, batch_size=self.batch_size,
+                mixer=self.mixer if weights is not None else None,
+                weights=None if weights is None else weights[todo])
+            for j, i in enumerate(todo):
+                self._done[(i, keys[i])] = (float(nll[j]), int(cnt[j]))
+            self.passes += len(todo)
+        nll = np.array([self._done[(i, keys[i])][0] for i in range(n)])
+        cnt = np.array([self._done[(i, keys[i])][1] for i in range(n)], dtype=np.int64)
+        return nll, cnt

@@ -257,17 +257,18 @@ def train_on_ray(jobs: Sequence[ExpertJob], options: RayOptions,
         log.info("base model in the object store (%.0f MB) in %.1fs; %d expert tasks on %s",
                  sum(sizes.values()) / 1e6, time.perf_counter() - t0, len(todo),
                  ray.cluster_resources())
-        resources: dict[str, Any] = {"num_cpus": options.cpus, "num_gpus": options.gpus}
+        task = ray.remote(train_packed)
+        task_options: dict[str, Any] = {"num_cpus": options.cpus, "num_gpus": options.gpus,
+                                        "max_retries": options.retries,
+                                        "retry_exceptions": False}
         if options.memory_gib:
-            resources["memory"] = int(options.memory_gib * _GIB)
-        task = ray.remote(train_packed).options(max_retries=options.retries,
-                                                retry_exceptions=False, **resources)
+            task_options["memory"] = int(options.memory_gib * _GIB)
         pending: dict[Any, ExpertJob] = {}
         for job in todo:
             quiet = replace(job, settings=replace(job.settings, progress=False,
                                                   threads=options.task_threads))
-            ref = task.options(name=f"ttmm {job.name}").remote(ray.put(quiet),
-                                                              boxes[job.base_model])
+            ref = task.options(name=f"ttmm {job.name}", **task_options).remote(
+                ray.put(quiet), boxes[job.base_model])
             pending[ref] = job
         bar = tqdm(total=len(jobs), initial=len(results), desc=desc, unit="expert")
         try:
