@@ -1,7 +1,12 @@
 """`ttmm build`: train an expert library from a corpus (training/pipeline.py).
 
     ttmm build --corpus wiki --base-model MODEL_DIR --embedder EMBEDDER_DIR -K 16 \\
-        --max-docs-per-expert 120 --out ~/.cache/ttmm/libraries/wiki-k16
+        --max-docs-per-expert 120 --multitask --out ~/.cache/ttmm/libraries/wiki-k16
+
+With --multitask the build also trains experts branched from the multitask model and keeps
+whichever set tunes better (--branch-from-multitask auto), and it routes with whichever
+embedding finds each document's own cluster more often (--embedder-kind auto); report.md in
+the library says what won and by how much.
 
 Every flag is a field of `training.config.BuildConfig` (help text and checks live there).
 Rerunning the same command resumes: cached stages and finished experts are skipped. With
@@ -50,7 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                            default=default, help=helptext)
             continue
         shown = " ".join(map(str, default)) if many else default
-        required = f.name in ("corpus", "out", "base_model", "embedder")
+        if isinstance(default, Path) and str(default) == ".":
+            shown = "none"
+        required = f.name in ("corpus", "out", "base_model")
         const = f.metadata.get("const")
         extra = {"nargs": "?", "const": const} if const is not None else \
             {"nargs": "+" if many else None}

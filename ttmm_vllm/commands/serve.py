@@ -35,6 +35,21 @@ def add_parser(sub) -> None:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    r = p.add_argument_group("Ray Serve (pip install 'ttmm-vllm[ray]'; ttmm_vllm/ray_serve.py)")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="serve through Ray Serve's gRPC proxy on --port (all interfaces): "
+                   "'local' (or the bare flag) starts a Ray here, 'auto' joins the running "
+                   "cluster, or a cluster address")
+    r.add_argument("--replicas", type=int, default=1, help="engine replicas (one vLLM each)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per engine replica")
+    r.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per engine replica")
+    r.add_argument("--frontends", type=int, default=1,
+                   help="front-door replicas (validate, embed, route)")
+    r.add_argument("--frontend-cpus", type=float, default=0.5, help="CPUs per front door")
+    r.add_argument("--affinity", action="store_true",
+                   help="send requests that share a top expert to the same replica")
+    r.add_argument("--http-port", type=int, default=8000,
+                   help="Ray Serve's HTTP proxy port (started by Ray Serve; unused by ttmm)")
     p.set_defaults(func=run)
 
 
@@ -95,4 +110,21 @@ async def serve(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    if args.ray is not None:
+        return serve_on_ray(args)
     return asyncio.run(serve(args))
+
+
+def serve_on_ray(args: argparse.Namespace) -> int:
+    from ttmm_vllm import ray_serve
+    from ttmm_vllm.ray_runtime import forwarded_env
+
+    engine_cfg, server_cfg = configs(args)
+    cfg = ray_serve.RayServeConfig(
+        address=args.ray, replicas=args.replicas, replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus, frontends=args.frontends,
+        frontend_cpus=args.frontend_cpus, affinity=args.affinity,
+        grpc_port=args.port, http_port=args.http_port, env_vars=forwarded_env())
+    return ray_serve.serve_until_signalled(args.library, engine_cfg, server_cfg, cfg,
+                                           model_dir=args.base_model,
+                                           embedder_path=args.embedder)
