@@ -63,7 +63,7 @@ def server(loop, tiny_library, tiny_model_dir):
     from ttmm_vllm.service import TTMMService
 
     lib = Library.open(tiny_library, base_model_dir=tiny_model_dir)
-    engine_cfg = EngineConfig(merge_path="disk", **SERVER_ENGINE)
+    engine_cfg = EngineConfig(**SERVER_ENGINE)  # the default: merged in the worker
 
     async def start():
         svc = await TTMMService.start(lib, engine_cfg, model_dir=tiny_model_dir)
