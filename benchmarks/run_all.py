@@ -28,14 +28,17 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         assets = ["--smoke", "--assets", str(args.out / "assets")]
         return [("quality", ["quality", *assets]),
                 ("overhead", ["overhead", *assets]),
-                ("throughput", ["throughput", *assets])]
+                ("throughput", ["throughput", *assets]),
+                ("rerouting", ["rerouting", *assets])]
     wiki, py = str(args.wiki), str(args.python)
     return [("quality-wiki", ["quality", "--library", wiki, "--prefix-tokens", "50",
                               "--test-docs", "64", "--ttt-neighbours", "16"]),
             ("quality-python", ["quality", "--library", py, "--prefix-tokens", "200",
                                 "--test-docs", "64", "--ttt-neighbours", "8"]),
             ("overhead", ["overhead", "--library", py]),
-            ("throughput", ["throughput", "--library", wiki, "--concurrency", "1", "8", "32"])]
+            ("throughput", ["throughput", "--library", wiki, "--concurrency", "1", "8", "32"]),
+            ("rerouting-wiki", ["rerouting", "--library", wiki, "--prefix-tokens", "50"]),
+            ("rerouting-python", ["rerouting", "--library", py, "--prefix-tokens", "100"])]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,3 +73,12 @@ def test_run_all_smoke_writes_every_row(tmp_path):
         assert _finite(r["tokens_per_s"], r["latency_p50_s"], r["latency_p99_s"],
                        r["ratio_to_base"]), r
         assert r["tokens"] > 0
+
+    r = tmp_path / "rerouting"
+    for f in ("results.json", "results.md", "rerouting.png"):
+        assert (r / f).stat().st_size > 0, f
+    res = json.loads((r / "results.json").read_text())
+    assert [row["every"] for row in res["rows"]] == [0, 4]
+    for row in res["rows"]:
+        assert _finite(row["perplexity"], *row["ci95"], row["gen_tok_per_s"]), row
+    assert res["rows"][1]["switches_per_doc"] >= 0

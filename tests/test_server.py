@@ -195,3 +195,66 @@ def test_prometheus_endpoint(client, server):
     for stage in ("embed", "search", "merge", "register", "queue", "generate"):
         assert f'ttmm_stage_seconds_count{{stage="{stage}"}}' in body
     assert 'ttmm_adapters{state="registered"}' in body
+
+
+# ---- re-routing during generation (issue 11): a prompt that drifts from music to space
+
+DRIFT_PROMPT = " ".join([TOPIC_PROMPTS[0]] * 4 + [TOPIC_PROMPTS[1]] * 4)
+
+
+def _schedule(first: pb2.Routing, switches, every: int, total: int):
+    """(start, end, expert ids, weights) per segment: the routing in force at each start."""
+    at = {s.token_index: s.routing for s in switches}
+    segments, routing = [], first
+    for start in range(0, total, every):
+        routing = at.get(start, routing)
+        segments.append((start, min(start + every, total), *_ids_weights(routing)))
+    return segments
+
+
+def test_rerouting_switches_experts_and_matches_the_reference(client, reference):
+    every, total = 4, 12
+    resp = client.generate(DRIFT_PROMPT, max_tokens=total, reroute_every=every, timeout=120)
+    assert resp.completion_tokens == total and resp.finish_reason == pb2.FINISH_REASON_LENGTH
+    assert resp.switches, "the prompt's tail is about space, its head about music"
+    assert all(s.token_index % every == 0 and 0 < s.token_index < total for s in resp.switches)
+    first_top = max(resp.routing.experts, key=lambda e: e.weight).title
+    switched_top = max(resp.switches[0].routing.experts, key=lambda e: e.weight).title
+    assert (first_top, switched_top) == ("music", "space")
+    ids = reference.tokenizer(DRIFT_PROMPT, add_special_tokens=False)["input_ids"]
+    want: list[int] = []
+    for start, end, experts, weights in _schedule(resp.routing, resp.switches, every, total):
+        want += reference.greedy(ids + want, end - start, experts, weights)
+    assert list(resp.token_ids) == want
+    chunks = list(client.stream(DRIFT_PROMPT, max_tokens=total, reroute_every=every))
+    assert [t for c in chunks for t in c.token_ids] == want
+    assert [s.token_index for c in chunks for s in c.switches] == \
+        [s.token_index for s in resp.switches]
+
+
+def test_rerouted_score_matches_the_reference_window_by_window(client, reference):
+    cont = " ".join([TOPIC_PROMPTS[1]] * 3)
+    every = 8
+    resp = client.score(TOPIC_PROMPTS[0], cont, routing_options(reroute_every=every))
+    once = client.score(TOPIC_PROMPTS[0], cont)
+    assert resp.switches and not once.switches
+    p = reference.tokenizer(TOPIC_PROMPTS[0], add_special_tokens=False)["input_ids"]
+    c = list(resp.token_ids)
+    want: list[float] = []
+    for start, end, experts, weights in _schedule(resp.routing, resp.switches, every, len(c)):
+        want += reference.logprobs(p + c[:end], len(p) + start, experts, weights)
+    np.testing.assert_allclose(resp.logprobs, want, atol=LOGPROB_TOL)
+    # the first window is scored under the prompt's routing, as without re-routing; the
+    # window after the first switch is not
+    np.testing.assert_allclose(resp.logprobs[:every], once.logprobs[:every], atol=LOGPROB_TOL)
+    k = resp.switches[0].token_index
+    assert not np.allclose(resp.logprobs[k:k + every], once.logprobs[k:k + every], atol=1e-3)
+
+
+def test_rerouting_needs_routed_experts(client):
+    for routing in (routing_options("base", reroute_every=4),
+                    routing_options(experts=[0], reroute_every=4)):
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(TOPIC_PROMPTS[0], max_tokens=4, routing=routing)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reroute_every" in e.value.details()

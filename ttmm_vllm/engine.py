@@ -108,6 +108,8 @@ class Step:
     finish_reason: str | None = None  # "length" | "stop" | "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Re-routing (service.py): (index of the first generated token that used it, routing)
+    switches: list[tuple[int, Routing]] = field(default_factory=list)
 
 
 class EngineError(RuntimeError):

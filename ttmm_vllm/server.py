@@ -202,6 +202,10 @@ class TTMMServicer:
             msg.compression_error = float(info.get("rel_error", 0.0))
         return msg
 
+    def _switches_pb(self, switches) -> list[pb2.RoutingSwitch]:
+        return [pb2.RoutingSwitch(token_index=i, routing=self._routing_pb(r))
+                for i, r in switches]
+
     @staticmethod
     def _timings_pb(t) -> pb2.Timings:
         return pb2.Timings(**t.as_dict())
@@ -217,7 +221,7 @@ class TTMMServicer:
             max_active=r.max_active if r.HasField("max_active") else None,
             experts=tuple(r.experts),
             expert_weights=tuple(r.expert_weights),
-            reroute_every=r.reroute_every if r.HasField("reroute_every") else 0,
+            reroute_every=r.reroute_every if r.HasField("reroute_every") else None,
         )
 
     def _generate_input(self, req: pb2.GenerateRequest) -> GenerateInput:
@@ -246,12 +250,13 @@ class TTMMServicer:
         try:
             gi = self._generate_input(_parsed(request))
             prepared = await self.service.prepare(gi, client)
-            text, ids, lps, reason = [], [], [], None
+            text, ids, lps, reason, switches = [], [], [], None, []
             prompt_tokens = completion = 0
             async for step in self.service.generate(prepared):
                 text.append(step.text)
                 ids += step.token_ids
                 lps += step.logprobs
+                switches += self._switches_pb(step.switches)
                 reason, prompt_tokens = step.finish_reason, step.prompt_tokens
                 completion = step.completion_tokens
             return pb2.GenerateResponse(
@@ -259,7 +264,7 @@ class TTMMServicer:
                 finish_reason=_FINISH.get(reason or "", pb2.FINISH_REASON_UNSPECIFIED),
                 prompt_tokens=prompt_tokens, completion_tokens=completion,
                 routing=self._routing_pb(prepared.routing, self._adapter_info(prepared)),
-                timings=self._timings_pb(prepared.timings), logprobs=lps)
+                timings=self._timings_pb(prepared.timings), logprobs=lps, switches=switches)
         finally:
             self.admission.leave()
 
@@ -274,7 +279,7 @@ class TTMMServicer:
                 chunk = pb2.GenerateChunk(
                     request_id=prepared.request_id, text=step.text, token_ids=step.token_ids,
                     prompt_tokens=step.prompt_tokens, completion_tokens=step.completion_tokens,
-                    logprobs=step.logprobs)
+                    logprobs=step.logprobs, switches=self._switches_pb(step.switches))
                 if first:
                     chunk.routing.CopyFrom(self._routing_pb(prepared.routing,
                                                             self._adapter_info(prepared)))
@@ -304,7 +309,7 @@ class TTMMServicer:
         self.admission.enter()
         try:
             request = _parsed(request)
-            lps, ids, routing, timings = await self.service.score(
+            lps, ids, routing, timings, switches = await self.service.score(
                 request.prompt, request.continuation, self._routing_request(request.routing),
                 client, prompt_token_ids=tuple(request.prompt_token_ids),
                 continuation_token_ids=tuple(request.continuation_token_ids))
@@ -312,7 +317,8 @@ class TTMMServicer:
             return pb2.ScoreResponse(logprobs=lps, token_ids=ids, total_logprob=total,
                                      perplexity=math.exp(-total / max(len(lps), 1)),
                                      routing=self._routing_pb(routing),
-                                     timings=self._timings_pb(timings))
+                                     timings=self._timings_pb(timings),
+                                     switches=self._switches_pb(switches))
         finally:
             self.admission.leave()
 

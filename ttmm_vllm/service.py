@@ -54,6 +54,8 @@ class ServiceConfig:
     weight_decimals: int = 6
     embed_window_ms: float = 2.0
     embed_max_batch: int = 64
+    # Re-route routed requests after every N generated tokens unless they say otherwise (0: no)
+    default_reroute_every: int = 0
 
 
 @dataclass
@@ -66,7 +68,7 @@ class RoutingRequest:
     max_active: int | None = None
     experts: tuple[int, ...] = ()
     expert_weights: tuple[float, ...] = ()
-    reroute_every: int = 0
+    reroute_every: int | None = None  # None: the server's default; 0: never
 
 
 @dataclass
@@ -94,6 +96,9 @@ class Prepared:
     routing: Routing
     sampling: Sampling
     timings: Timings
+    params: RoutingParams | None = None
+    client: Client | None = None
+    reroute_every: int = 0  # 0: the prompt's routing for the whole generation
 
 
 class TTMMService:
@@ -176,7 +181,7 @@ class TTMMService:
                 raise InvalidArgument("routing.expert_weights", "negative weight")
             if ws.sum() <= 0:
                 raise InvalidArgument("routing.expert_weights", "all weights are zero")
-        if r.reroute_every < 0:
+        if r.reroute_every is not None and r.reroute_every < 0:
             raise InvalidArgument("routing.reroute_every", "must be >= 0")
         try:
             return self.defaults.with_overrides(
@@ -246,13 +251,30 @@ class TTMMService:
         allowed = client.allowed
         return lambda i: i in allowed
 
+    def reroute_every(self, r: RoutingRequest, params: RoutingParams) -> int:
+        """How often this request re-routes: its own ask, else the server's default.
+
+        Re-routing needs routed experts: a request that asks for it in base mode or with an
+        explicit expert list is refused (silently ignoring it would mislead the client)."""
+        fixed = params.mode == Mode.BASE or bool(params.experts)
+        if r.reroute_every:
+            if fixed:
+                raise InvalidArgument("routing.reroute_every", "re-routing needs routed experts "
+                                      "(mode ttmm, top1 or uniform, no explicit expert list)")
+            return int(r.reroute_every)
+        if r.reroute_every is None and not fixed:
+            return self.config.default_reroute_every
+        return 0
+
     async def route_ids(self, prompt_ids: Sequence[int], params: RoutingParams, client: Client,
-                        timings: Timings) -> Routing:
-        """Embed the first query tokens, search the index, compute the weights."""
+                        timings: Timings, *, tail: bool = False) -> Routing:
+        """Embed the first query tokens (the last ones when re-routing: `tail`), search the
+        index, compute the weights."""
         if params.mode == Mode.BASE and not params.experts:
             return Routing(Mode.BASE)
         t0 = time.perf_counter()
-        text = self.tokenizer.decode(list(prompt_ids[: self.query_tokens]))
+        window = prompt_ids[-self.query_tokens:] if tail else prompt_ids[: self.query_tokens]
+        text = self.tokenizer.decode(list(window))
         q = await self.batcher.embed(text)
         t1 = time.perf_counter()
         timings.embed_ms = (t1 - t0) * 1e3
@@ -266,10 +288,11 @@ class TTMMService:
         params = self.params_for(req.routing, client)
         ids = await asyncio.to_thread(self.tokenize_prompt, req.prompt, req.prompt_token_ids)
         sampling = self.validate_sampling(req.sampling, len(ids), req.max_tokens_set)
+        reroute = self.reroute_every(req.routing, params)
         routing = await self.route_ids(ids, params, client, timings)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         rid = req.request_id or uuid.uuid4().hex
-        return Prepared(rid, ids, routing, sampling, timings)
+        return Prepared(rid, ids, routing, sampling, timings, params, client, reroute)
 
     async def route(self, prompt: str, r: RoutingRequest, client: Client
                     ) -> tuple[Routing, Timings]:
@@ -287,8 +310,10 @@ class TTMMService:
         completion = 0
         self.metrics.active_experts.observe(len(p.routing.expert_ids))
         try:
-            async for step in self.engine.generate(p.request_id, p.prompt_ids, p.sampling,
-                                                   p.routing, p.timings):
+            steps = (self._rerouted(p) if p.reroute_every else
+                     self.engine.generate(p.request_id, p.prompt_ids, p.sampling, p.routing,
+                                          p.timings))
+            async for step in steps:
                 completion = step.completion_tokens
                 yield step
         finally:
@@ -297,6 +322,43 @@ class TTMMService:
             self.metrics.observe(p.timings)
             self.metrics.set_adapter_stats(self.engine.adapter_stats())
             self.metrics.expert_cache_bytes.set(self.engine.experts.nbytes)
+
+    async def _rerouted(self, p: Prepared) -> AsyncIterator[Step]:
+        """Generate in segments of `reroute_every` tokens, each under the routing of the last
+        query tokens before it (no look-ahead).
+
+        Each segment is one engine request over prompt + tokens so far with that routing's
+        merged adapter, so every token is computed exactly as with a merge fixed from the
+        start of its segment (what the reference implementation checks). The price is a
+        prefill of the context per switch; an in-place switch of a live adapter would avoid
+        it, but an asynchronous engine gives no step on which such a switch is known to land.
+        Greedy decoding is reproduced exactly; a seeded sampler is re-seeded per segment.
+        """
+        ids, routing, total = list(p.prompt_ids), p.routing, p.sampling.max_tokens
+        done, seg = 0, 0
+        while done < total:
+            switches = []
+            if seg:
+                new = await self.route_ids(ids, p.params, p.client, Timings(), tail=True)
+                if new.key() != routing.key():
+                    switches.append((done, new))
+                routing = new
+            sampling = _replace(p.sampling, max_tokens=min(p.reroute_every, total - done))
+            last = None
+            async for step in self.engine.generate(f"{p.request_id}-{seg}", ids, sampling,
+                                                   routing, p.timings if seg == 0 else None):
+                ids += step.token_ids
+                step.completion_tokens += done
+                step.prompt_tokens = len(p.prompt_ids)
+                step.switches, switches = switches, []
+                last = step
+                if step.finished and step.finish_reason == "length" \
+                        and step.completion_tokens < total:
+                    step.finished, step.finish_reason = False, None
+                yield step
+            if last is None or last.finished:
+                return
+            done, seg = last.completion_tokens, seg + 1
 
     async def score(self, prompt: str, continuation: str, r: RoutingRequest, client: Client, *,
                     prompt_token_ids: Sequence[int] = (),
@@ -319,11 +381,35 @@ class TTMMService:
             raise InvalidArgument("continuation", f"prompt + continuation have "
                                   f"{len(ids) + len(cont)} tokens; the context is "
                                   f"{self.max_model_len}")
+        every = self.reroute_every(r, params)
         routing = await self.route_ids(ids, params, client, timings)
-        lps = await self.engine.score(uuid.uuid4().hex, ids, cont, routing, timings)
+        if not every:
+            lps = await self.engine.score(uuid.uuid4().hex, ids, cont, routing, timings)
+            switches = []
+        else:
+            lps, switches = await self._score_rerouted(ids, cont, routing, params, client,
+                                                       every, timings)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         self.metrics.observe(timings)
-        return lps, cont, routing, timings
+        return lps, cont, routing, timings, switches
+
+    async def _score_rerouted(self, ids: list[int], cont: list[int], routing: Routing,
+                              params: RoutingParams, client: Client, every: int,
+                              timings: Timings) -> tuple[list[float], list]:
+        """Score the continuation in windows of `every` tokens, each under the routing of the
+        last query tokens before it: what re-routed generation would have computed."""
+        lps: list[float] = []
+        switches = []
+        for j in range(0, len(cont), every):
+            if j:
+                new = await self.route_ids(ids + cont[:j], params, client, Timings(), tail=True)
+                if new.key() != routing.key():
+                    switches.append((j, new))
+                routing = new
+            lps += await self.engine.score(uuid.uuid4().hex, ids + cont[:j],
+                                           cont[j:j + every], routing,
+                                           timings if j == 0 else None)
+        return lps, switches
 
     # ------------------------------------------------------------------ live library changes
 

@@ -55,7 +55,10 @@ def build_demo_library(home: Path, args: argparse.Namespace) -> Path:
         corpus="wiki", home=home, out=out, base_model=base, embedder=embedder, k=args.k,
         limit=args.limit, max_tokens=args.max_tokens, max_docs_per_expert=args.docs_per_expert,
         rank=16, alpha=16.0, lr=1e-3, query_tokens=48, max_active=4, tune_docs=32,
-        betas=(0.02, 0.05, 0.1, 1.0), taus=(0.0, 0.01), variants=("paper",), min_tokens=64)
+        betas=(0.02, 0.05, 0.1, 1.0), taus=(0.0, 0.01), variants=("paper",), min_tokens=64,
+        # a demo shows serving: no second routing embedding, no quality table or heat map
+        # (a full build's report has them; `ttmm build --help`)
+        embedder_kind="sentence-transformers", test_docs=0, heatmap=False)
     t0 = time.time()
     build(cfg)
     print(f"[demo] library {out} ready in {time.time() - t0:.0f} s", flush=True)

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
     p.add_argument("--metrics-port", type=int, help="Prometheus endpoint (0: any free port)")
     p.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
+    p.add_argument("--reroute-every", type=int, default=0,
+                   help="re-route routed requests after every N generated tokens unless they "
+                   "set routing.reroute_every (0: route once, from the prompt)")
     p.add_argument("--auth", help="JSON file: {\"tokens\": {token: identity}, \"admin_tokens\": "
                    "[...], \"client_groups\": {identity: [group, ...]}}")
     p.add_argument("--tls-cert")
@@ -86,8 +89,11 @@ async def serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("ttmm.serve")
     engine_cfg, server_cfg = configs(args)
     lib = Library.open(args.library)
-    service = await TTMMService.start(lib, engine_cfg, model_dir=args.base_model,
-                                      embedder_path=args.embedder)
+    from ttmm_vllm.service import ServiceConfig
+
+    service = await TTMMService.start(
+        lib, engine_cfg, model_dir=args.base_model, embedder_path=args.embedder,
+        config=ServiceConfig(default_reroute_every=max(args.reroute_every, 0)))
     server = await Server.start(service, server_cfg)
     print(f"serving {lib.root} ({lib.num_experts} experts) on {server_cfg.host}:{server.port}",
           flush=True)
