@@ -144,7 +144,8 @@ class TTT:
         emb = np.load(work / "embeddings.npy")
         extras = bench.manifest.extras
         split = np.load(bench.root / extras.get("split", "split.npy"))
-        listed = (bench.root / extras.get("document_ids", "document_ids.txt")).read_text().split()
+        ids_file = bench.root / extras.get("document_ids", "document_ids.txt")
+        listed = ids_file.read_text().splitlines()  # one id per line; ids may hold spaces
         if not (len(docs) == len(emb) == len(split) == len(listed)) or \
                 [d["id"] for d in docs] != listed:
             raise ValueError(f"{work}: cached documents/embeddings do not match the library's "

@@ -424,6 +424,12 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("--library is required (or --smoke)")
     common.seed_everything(args.seed)
     bench = BenchLibrary.open(args.library, args.model_dir, args.embedder)
+    if bench.manifest.serving_base is not None:
+        # Served on the base with the multitask adapter folded in: the server's base row would
+        # be the multitask model and the multitask row would apply the adapter twice.
+        raise SystemExit(f"{bench.root} is branched from the multitask model; this benchmark "
+                         "compares against the plain base. The build's report.md has the "
+                         "branched table (base, multitask, TTMM from the base and branched).")
     prefix = args.prefix_tokens or bench.query_tokens
     methods = METHODS if not args.methods else [m for m in METHODS if m.key in args.methods]
     unknown = set(args.methods or ()) - {m.key for m in METHODS}

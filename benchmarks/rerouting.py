@@ -20,6 +20,7 @@ under the window's merge), which is what it costs.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> Path:
         row["gen_ratio"] = speed[every]["tok_per_s"] / speed[0]["tok_per_s"]
         rows.append(row)
     md = [f"# Re-routing during generation: {bench.root.name}\n",
-          f"`python -m benchmarks.rerouting {' '.join(argv or [])}`\n",
+          f"`python -m benchmarks.rerouting {' '.join(sys.argv[1:] if argv is None else argv)}`\n",
           f"{len(docs)} test documents, prompt {prefix} tokens, continuation the rest "
           f"(up to {bench.max_tokens} tokens in all), {int(sum(scores[0][1]))} scored tokens; "
           f"throughput: {args.clients} clients, {args.requests} requests of "
