@@ -8,6 +8,7 @@ uncertainty the same way, or their tables are not comparable.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -162,6 +163,23 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The options every library benchmark shares: where results go, and the smoke setting."""
+    p.add_argument("--out", default=None, help=f"results folder (default results/{name}-NAME)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model and tiny library, few documents: checks the pipeline only")
+    p.add_argument("--assets", default=None, help="--smoke: where the tiny assets live")
+
+
+def parse_run_args(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse with the offline environment set; --smoke points --library at the tiny assets."""
+    offline_env()
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.library = args.library or str(smoke_assets(args.assets).library)
+    return args
 
 
 # --------------------------------------------------------------------------- the library

@@ -403,19 +403,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", default=None, help="override the manifest's base model path")
     p.add_argument("--embedder", default=None, help="override the manifest's embedder path")
-    p.add_argument("--out", default=None, help="results folder (default results/quality-NAME)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny model and tiny library, few documents: checks the pipeline only")
-    p.add_argument("--assets", default=None, help="--smoke: where the tiny assets live")
+    common.add_run_args(p, "quality")
     return p
 
 
 def main(argv: list[str] | None = None) -> Path:
-    common.offline_env()
-    args = parser().parse_args(argv)
+    args = common.parse_run_args(parser(), argv)
     if args.smoke:
-        assets = common.smoke_assets(args.assets)
-        args.library = args.library or str(assets.library)
         args.test_docs = min(args.test_docs, 6)
         args.ttt_neighbours = min(args.ttt_neighbours, 2)
         args.resamples = min(args.resamples, 200)

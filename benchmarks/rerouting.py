@@ -116,20 +116,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-cache-mb", type=int, default=512)
-    p.add_argument("--out", default=None)
-    p.add_argument("--smoke", action="store_true", help="tiny model and library")
-    p.add_argument("--assets", default=None, help="--smoke: where the tiny assets live")
+    common.add_run_args(p, "rerouting")
     return p
 
 
 def main(argv: list[str] | None = None) -> Path:
     from ttmm_vllm.engine import EngineConfig
 
-    common.offline_env()
-    args = parser().parse_args(argv)
+    args = common.parse_run_args(parser(), argv)
     if args.smoke:
-        assets = common.smoke_assets(args.assets)
-        args.library = args.library or str(assets.library)
         args.test_docs, args.min_suffix, args.every = min(args.test_docs, 6), 8, [4]
         args.requests, args.clients, args.new_tokens = 4, 2, 8
         args.resamples, args.kv_cache_mb = 200, 64

@@ -249,19 +249,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--embedder", default=None)
-    p.add_argument("--out", default=None,
-                   help="results folder (default results/throughput-NAME)")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--assets", default=None, help="--smoke: where the tiny assets live")
+    common.add_run_args(p, "throughput")
     return p
 
 
 def main(argv: list[str] | None = None) -> Path:
-    common.offline_env()
-    args = parser().parse_args(argv)
+    args = common.parse_run_args(parser(), argv)
     if args.smoke:
-        assets = common.smoke_assets(args.assets)
-        args.library = args.library or str(assets.library)
         args.concurrency = [1, 4]
         args.max_tokens = min(args.max_tokens, 8)
         args.min_requests = min(args.min_requests, 4)
