@@ -418,5 +418,8 @@ def smoke_assets(root: str | os.PathLike | None = None) -> SmokeAssets:
         build(BuildConfig(corpus=str(src), out=lib, base_model=model, embedder=emb, k=4,
                           max_tokens=96, query_tokens=16, holdout_fraction=0.2, lr=1e-3,
                           multitask=True, tune_docs=4, betas=(0.05, 0.5), taus=(0.0,),
-                          variants=("paper",), max_active=3, threads=1))
+                          variants=("paper",), max_active=3, threads=1,
+                          # the plain library the benchmarks compare (issue 12's options off)
+                          branch_from_multitask="off", embedder_kind="sentence-transformers",
+                          test_docs=8, heatmap=False))
     return SmokeAssets(model, emb, lib)
