@@ -252,16 +252,11 @@ def _clean_temporaries(jobs: Sequence[ExpertJob]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_all(jobs: Sequence[ExpertJob], *, workers: int = 1,
-              desc: str = "experts") -> list[ExpertResult]:
-    """Run every job (skipping finished ones), `workers` processes at a time.
-
-    A failing job does not stop the others: every finished expert is kept, and the error
-    raised at the end names each one that failed.
-    """
+def split_finished(jobs: Sequence[ExpertJob]) -> tuple[list[ExpertResult], list[ExpertJob]]:
+    """(results of the jobs already done, the jobs left): what a resumed build skips."""
     _clean_temporaries(jobs)
     results: list[ExpertResult] = []
-    todo = []
+    todo: list[ExpertJob] = []
     for job in jobs:
         rec = finished(job)
         if rec is not None:
@@ -271,6 +266,17 @@ def train_all(jobs: Sequence[ExpertJob], *, workers: int = 1,
                                         rec.get("metrics", {}), skipped=True))
         else:
             todo.append(job)
+    return results, todo
+
+
+def train_all(jobs: Sequence[ExpertJob], *, workers: int = 1,
+              desc: str = "experts") -> list[ExpertResult]:
+    """Run every job (skipping finished ones), `workers` processes at a time.
+
+    A failing job does not stop the others: every finished expert is kept, and the error
+    raised at the end names each one that failed.
+    """
+    results, todo = split_finished(jobs)
     failures: dict[str, BaseException] = {}
     bar = tqdm(total=len(jobs), initial=len(results), desc=desc, unit="expert")
 

@@ -40,9 +40,9 @@ from training.experts import (
     RECORD,
     ExpertJob,
     ExpertResult,
-    _clean_temporaries,
     finished,
     save_adapter,
+    split_finished,
     train_adapter,
 )
 from ttmm_vllm.library import ADAPTER_WEIGHTS, atomic_write_bytes
@@ -225,18 +225,7 @@ def _cause(e: BaseException) -> BaseException:
 def train_on_ray(jobs: Sequence[ExpertJob], options: RayOptions,
                  desc: str = "experts") -> list[ExpertResult]:
     """Run every job as a Ray task (skipping finished ones); same contract as `train_all`."""
-    _clean_temporaries(jobs)
-    results: list[ExpertResult] = []
-    todo: list[ExpertJob] = []
-    for job in jobs:
-        rec = finished(job)
-        if rec is not None:
-            log.info("%s: already trained (%s, sha256 %s...), skipping", job.name, job.out_dir,
-                     rec["sha256"][:12])
-            results.append(ExpertResult(job.name, job.expert_id, job.out_dir, rec["sha256"],
-                                        rec.get("metrics", {}), skipped=True))
-        else:
-            todo.append(job)
+    results, todo = split_finished(jobs)
     if not todo:
         return sorted(results, key=lambda r: r.expert_id)
 
