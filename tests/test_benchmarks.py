@@ -82,3 +82,23 @@ def test_run_all_smoke_writes_every_row(tmp_path):
     for row in res["rows"]:
         assert _finite(row["perplexity"], *row["ci95"], row["gen_tok_per_s"]), row
     assert res["rows"][1]["switches_per_doc"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_build_benchmark_smoke(tmp_path):
+    """`benchmarks.ray_build --smoke`: the tiny build local and on a local Ray, timed, and the
+    two libraries' experts compared tensor by tensor (equal: same seeds, data order, threads)."""
+    pytest.importorskip("ray", reason="Ray is the optional extra ttmm-vllm[ray]")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ray_build", "--smoke", "--out",
+                           str(tmp_path), "--assets", str(tmp_path / "assets")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert list(res["rows"]) == ["local", "ray", "ray rerun (all finished)"]
+    assert all(_finite(r["wall_s"]) and r["wall_s"] > 0 for r in res["rows"].values())
+    assert res["max_expert_difference"] == 0.0
+    assert "| ray |" in (tmp_path / "results.md").read_text()
