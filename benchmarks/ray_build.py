@@ -34,22 +34,29 @@ SHARED_STAGES = ("documents.jsonl", "documents.stage.json", "embeddings.npy",
                  "embeddings.stage.json", "clusters.npz", "clusters.stage.json")
 
 
-def _build(args: list[str], out: Path, stages_from: Path | None) -> dict[str, Any]:
+def _fresh_build(args: list[str], out: Path, stages_from: Path | None) -> dict[str, Any]:
     """Run one `ttmm build` into a fresh `out`; its wall time and the report's stage times."""
     shutil.rmtree(out, ignore_errors=True)
     if stages_from is not None:
         (out / ".build").mkdir(parents=True)
         for name in SHARED_STAGES:
             shutil.copy2(stages_from / ".build" / name, out / ".build" / name)
+    return _run_build(args, out, out.parent / f"{out.name}.log")
+
+
+def _run_build(args: list[str], out: Path, log_path: Path) -> dict[str, Any]:
+    """`ttmm build ARGS --out OUT`: its wall time, the report's expert-stage times and how
+    many experts this run trained (0 on a rerun of a finished build)."""
     cmd = [sys.executable, "-m", "ttmm_vllm.cli", "build", *args, "--out", str(out)]
     log(" ".join(cmd))
     t0 = time.perf_counter()
-    with open(out.parent / f"{out.name}.log", "w") as f:
+    with open(log_path, "w") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     t = json.loads((out / "report.json").read_text())["timings"]
     return {"wall_s": wall, "expert_stage_s": t["train"]["seconds"],
-            "experts_sum_s": t.get("train: experts", {}).get("seconds")}
+            "experts_sum_s": t.get("train: experts", {}).get("seconds"),
+            "trained": t["train"].get("trained")}
 
 
 def max_expert_difference(a: Path, b: Path) -> float:
@@ -57,11 +64,18 @@ def max_expert_difference(a: Path, b: Path) -> float:
     equal)."""
     from safetensors.numpy import load_file
 
+    from ttmm_vllm.library import ADAPTER_WEIGHTS
+
+    names = sorted(p.parent.name for p in (a / "experts").glob(f"*/{ADAPTER_WEIGHTS}"))
+    other = sorted(p.parent.name for p in (b / "experts").glob(f"*/{ADAPTER_WEIGHTS}"))
+    if not names or names != other:
+        raise ValueError(f"expert folders differ or are missing: {names} vs {other}")
     worst = 0.0
-    for fa in sorted((a / "experts").glob("*/adapter_model.safetensors")):
-        ta, tb = load_file(fa), load_file(b / fa.relative_to(a))
+    for name in names:
+        ta = load_file(a / "experts" / name / ADAPTER_WEIGHTS)
+        tb = load_file(b / "experts" / name / ADAPTER_WEIGHTS)
         if ta.keys() != tb.keys():
-            raise ValueError(f"{fa.parent.name}: different tensor names")
+            raise ValueError(f"{name}: different tensor names")
         for k in ta:
             worst = max(worst, float(abs(ta[k].astype("float64") - tb[k]).max()))
     return worst
@@ -94,18 +108,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not build_args:
         p.error("give the build's arguments after --, or --smoke")
     stages = Path(a.stages_from).expanduser() if a.stages_from else None
-    rows = {"local": _build(build_args, out / "local", stages),
-            "ray": _build([*build_args, "--ray", "--ray-cpus", str(a.ray_cpus)], out / "ray",
-                          stages)}
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ttmm_vllm.cli", "build", *build_args, "--ray",
-                    "--out", str(out / "ray")], check=True, capture_output=True)
-    rows["ray rerun (all finished)"] = {"wall_s": time.perf_counter() - t0}
+    ray_args = [*build_args, "--ray", "--ray-cpus", str(a.ray_cpus)]
+    rows = {"local": _fresh_build(build_args, out / "local", stages),
+            "ray": _fresh_build(ray_args, out / "ray", stages),
+            # the same command again on the finished Ray build: resume skips every expert
+            "ray rerun (all finished)": _run_build(ray_args, out / "ray",
+                                                   out / "ray-rerun.log")}
     diff = max_expert_difference(out / "local", out / "ray")
     table = common.markdown_table(
-        ["build", "wall s", "x local", "expert stage s", "sum of experts' own s"],
+        ["build", "wall s", "x local", "expert stage s", "sum of experts' own s",
+         "experts trained"],
         [[name, common.fmt(r["wall_s"], 1), common.fmt(r["wall_s"] / rows["local"]["wall_s"]),
-          common.fmt(r.get("expert_stage_s"), 1), common.fmt(r.get("experts_sum_s"), 1)]
+          common.fmt(r["expert_stage_s"], 1), common.fmt(r["experts_sum_s"], 1),
+          r["trained"]]
          for name, r in rows.items()])
     text = (f"# Build: local vs --ray\n\n`ttmm build {' '.join(build_args)}`; Ray tasks of "
             f"{a.ray_cpus:g} CPUs\n\n{table}\n\nLargest |local - ray| over every expert "

@@ -100,5 +100,6 @@ def test_ray_build_benchmark_smoke(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert list(res["rows"]) == ["local", "ray", "ray rerun (all finished)"]
     assert all(_finite(r["wall_s"]) and r["wall_s"] > 0 for r in res["rows"].values())
+    assert [r["trained"] for r in res["rows"].values()] == [4, 4, 0]  # the rerun skips all
     assert res["max_expert_difference"] == 0.0
     assert "| ray |" in (tmp_path / "results.md").read_text()

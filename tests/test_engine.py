@@ -50,7 +50,7 @@ def reference(tiny_model_dir, library):
 
 
 @pytest.fixture(scope="session")
-def disk_engine(server):
+def session_engine(server):
     """The session server's engine: one engine start for the whole session."""
     return server.service.engine
 
@@ -76,8 +76,8 @@ def test_routes_differ_by_topic(router):
     assert len(tops) == 4
 
 
-def test_concurrent_merged_experts_match_peft(loop, disk_engine, router, reference):
-    tok = disk_engine.tokenizer
+def test_concurrent_merged_experts_match_peft(loop, session_engine, router, reference):
+    tok = session_engine.tokenizer
     routings = [_route(router, p) for p in PROMPTS]
     routings[-1] = _route(router, PROMPTS[-1], mode=Mode.BASE)  # a base request in the batch
     assert any(len(r.expert_ids) > 1 for r in routings)
@@ -86,7 +86,7 @@ def test_concurrent_merged_experts_match_peft(loop, disk_engine, router, referen
 
     async def run_all():
         return await asyncio.gather(*[
-            _collect(disk_engine, f"gen-{i}", ids[i], sampling, routings[i])
+            _collect(session_engine, f"gen-{i}", ids[i], sampling, routings[i])
             for i in range(len(PROMPTS))])
 
     results = loop.run(run_all())
@@ -101,29 +101,29 @@ def test_concurrent_merged_experts_match_peft(loop, disk_engine, router, referen
             assert timings.merge_ms > 0 or timings.register_ms > 0
 
 
-def test_score_matches_reference(loop, disk_engine, router, reference):
-    tok = disk_engine.tokenizer
+def test_score_matches_reference(loop, session_engine, router, reference):
+    tok = session_engine.tokenizer
     prompt = tok(PROMPTS[1], add_special_tokens=False)["input_ids"]
     cont = tok(" the planet and the star and the galaxy with the comet", add_special_tokens=False)["input_ids"]
     r = _route(router, PROMPTS[1])
-    got = loop.run(disk_engine.score("score-1", prompt, cont, r))
+    got = loop.run(session_engine.score("score-1", prompt, cont, r))
     want = reference.logprobs(prompt + cont, len(prompt), r.expert_ids, r.weights)
     assert len(got) == len(cont)
     np.testing.assert_allclose(got, want, atol=LOGPROB_TOL)
-    base = loop.run(disk_engine.score("score-2", prompt, cont,
+    base = loop.run(session_engine.score("score-2", prompt, cont,
                                       _route(router, PROMPTS[1], mode=Mode.BASE)))
     assert np.abs(np.array(base) - np.array(got)).max() > 0.05  # the adapter matters
 
 
-def test_adapters_are_shared_and_bounded(loop, disk_engine, router):
-    tok = disk_engine.tokenizer
-    reg = disk_engine.registry
+def test_adapters_are_shared_and_bounded(loop, session_engine, router):
+    tok = session_engine.tokenizer
+    reg = session_engine.registry
     s = Sampling(max_tokens=2)
 
     async def burst():
         ps = [PROMPTS[i % 4] for i in range(12)]
         rs = [_route(router, p, max_active=1 + (i % 3)) for i, p in enumerate(ps)]
-        await asyncio.gather(*[_collect(disk_engine, f"b-{i}", tok(p)["input_ids"], s, r)
+        await asyncio.gather(*[_collect(session_engine, f"b-{i}", tok(p)["input_ids"], s, r)
                                for i, (p, r) in enumerate(zip(ps, rs, strict=True))])
         return rs
 
@@ -133,19 +133,19 @@ def test_adapters_are_shared_and_bounded(loop, disk_engine, router):
     assert reg.created - before <= distinct  # equal routings shared one adapter
     assert reg.in_use == 0
     assert reg.registered <= reg.idle_capacity
-    files = sorted(p.name for p in disk_engine.scratch_dir.iterdir())
-    if disk_engine.config.merge_path == "disk":
+    files = sorted(p.name for p in session_engine.scratch_dir.iterdir())
+    if session_engine.config.merge_path == "disk":
         assert len(files) == reg.registered  # one merged PEFT folder per registered adapter
     else:
         assert files == []  # merged in the worker: nothing is written
 
 
-def test_cancelled_request_frees_its_adapter(loop, disk_engine, router):
-    tok = disk_engine.tokenizer
+def test_cancelled_request_frees_its_adapter(loop, session_engine, router):
+    tok = session_engine.tokenizer
     r = _route(router, PROMPTS[2], max_active=2, beta=0.5)
 
     async def cancel_midway():
-        agen = disk_engine.generate("cancel-1", tok(PROMPTS[2])["input_ids"],
+        agen = session_engine.generate("cancel-1", tok(PROMPTS[2])["input_ids"],
                                     Sampling(max_tokens=200), r)
         async for _ in agen:
             break
@@ -153,4 +153,4 @@ def test_cancelled_request_frees_its_adapter(loop, disk_engine, router):
         await asyncio.sleep(0.2)
 
     loop.run(cancel_midway())
-    assert disk_engine.registry.in_use == 0
+    assert session_engine.registry.in_use == 0
