@@ -136,7 +136,7 @@ class TTT:
         import hnswlib
 
         from training.documents import read_jsonl
-        from ttmm_vllm.embed import SentenceEmbedder
+        from ttmm_vllm.routing.embed import SentenceEmbedder
 
         self.bench, self.n, self.lr, self.seed = bench, neighbours, lr, seed
         work = self._work_dir()

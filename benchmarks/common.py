@@ -24,17 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from ttmm_vllm.home import offline_env  # noqa: F401  (re-exported: the benchmarks own their env)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("results")  # relative to the working directory (the repo root, git-ignored)
-
-
-def offline_env() -> None:
-    """The benchmarks are commands: like the CLI they own the environment (no hub, no
-    telemetry, no tokenizer thread pools fighting the engine for two cores)."""
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-                 ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                 ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
-        os.environ.setdefault(k, v)
 
 
 def log(msg: str) -> None:
@@ -333,7 +326,7 @@ class Served:
     """The real gRPC server, in this process, on a free local port."""
 
     loop: Any  # ttmm_vllm.loop.LoopThread
-    server: Any  # ttmm_vllm.server.Server
+    server: Any  # ttmm_vllm.serve.grpc_server.Server
     target: str
     startup_s: float
 
@@ -349,23 +342,20 @@ class Served:
 def serve(bench: BenchLibrary, engine: Any, *, max_inflight: int = 4096) -> Iterator[Served]:
     """TTMMService + Server started the way `ttmm serve` starts them; stopped on exit.
 
-    engine: a ttmm_vllm.engine.EngineConfig. max_inflight is raised above the server's
+    engine: a ttmm_vllm.serve.engine.EngineConfig. max_inflight is raised above the server's
     default because the throughput benchmark may hold 32 x 10 requests at once.
     """
     from ttmm_vllm.loop import LoopThread
-    from ttmm_vllm.server import Server, ServerConfig
-    from ttmm_vllm.service import TTMMService
+    from ttmm_vllm.serve import ServeConfig, start
+    from ttmm_vllm.serve.grpc_server import ServerConfig
 
     loop = LoopThread()
     t0 = time.perf_counter()
-
-    async def start():
-        svc = await TTMMService.start(bench.library, engine, model_dir=bench.model_dir,
-                                      embedder_path=bench.embedder_path)
-        return await Server.start(svc, ServerConfig(port=0, max_inflight=max_inflight,
-                                                     grace_s=5))
-
-    server = loop.run(start(), timeout=900)
+    config = ServeConfig(library=str(bench.library.root), engine=engine,
+                         server=ServerConfig(port=0, max_inflight=max_inflight, grace_s=5),
+                         base_model=str(bench.model_dir) if bench.model_dir else None,
+                         embedder=str(bench.embedder_path) if bench.embedder_path else None)
+    server = loop.run(start(config), timeout=900)
     served = Served(loop, server, f"127.0.0.1:{server.port}", time.perf_counter() - t0)
     log(f"server up on {served.target} in {served.startup_s:.0f}s "
         f"(merge_path={engine.merge_path})")
@@ -397,10 +387,10 @@ def smoke_assets(root: str | os.PathLike | None = None) -> SmokeAssets:
     """A tiny model, a tiny embedder and a tiny library built by the real `ttmm build`
     (K=4 experts, a multitask adapter, tuned defaults, holdout, cached embeddings) in under a
     minute, so `--smoke` exercises every path the real runs take. Reused when present."""
-    from tests import tiny
     from training.config import BuildConfig
     from training.documents import save_jsonl
     from training.pipeline import build
+    from ttmm_vllm import testing as tiny
     from ttmm_vllm.library import MANIFEST
 
     root = Path(root) if root else RESULTS / "smoke-assets"

@@ -40,6 +40,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ttmm_vllm.home import offline_env
+
 DEFAULT_MODEL = Path("~/.cache/ttmm/models/SmolLM2-135M-Instruct").expanduser()
 NUM_EXPERTS = 16
 RANK = 16
@@ -122,56 +124,12 @@ class Result:
 def build_library(root: Path, model_dir: Path, seed: int = 0) -> Path:
     """K random rank-16 experts on the model's seven projections, as a ttmm library."""
     import numpy as np
-    import torch
-    from transformers import AutoConfig
 
-    from ttmm_vllm.library import (
-        LLAMA_TARGETS,
-        EmbedderRef,
-        ExpertInfo,
-        LoraSpec,
-        Manifest,
-        ModelRef,
-        RouterDefaults,
-        expert_dirname,
-        model_fingerprint,
-        normalize_rows,
-        write_adapter,
-        write_library,
-    )
+    from ttmm_vllm.testing import write_random_library
 
-    cfg = AutoConfig.from_pretrained(model_dir)
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    kv = cfg.num_key_value_heads * getattr(cfg, "head_dim", h // cfg.num_attention_heads)
-    q = cfg.num_attention_heads * getattr(cfg, "head_dim", h // cfg.num_attention_heads)
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    gen = torch.Generator().manual_seed(seed)
-    experts = []
-    for k in range(NUM_EXPERTS):
-        modules = {}
-        for layer in range(cfg.num_hidden_layers):
-            for proj, (din, dout) in shapes.items():
-                part = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-                a = torch.randn(RANK, din, generator=gen) / din**0.5
-                b = torch.randn(dout, RANK, generator=gen) * 0.01
-                modules[f"model.layers.{layer}.{part}.{proj}"] = (a, b)
-        rel = expert_dirname(k)
-        sha = write_adapter(root / rel, modules, rank=RANK, alpha=float(RANK),
-                            target_modules=LLAMA_TARGETS)
-        experts.append(ExpertInfo(id=k, title=f"random-{k}", size=0, file=rel, sha256=sha,
-                                  rank=RANK, alpha=float(RANK)))
-    manifest = Manifest(
-        base_model=ModelRef(name=model_dir.name, fingerprint=model_fingerprint(model_dir),
-                            path=str(model_dir)),
-        embedder=EmbedderRef(name="none", dim=8),
-        lora=LoraSpec(rank=RANK, alpha=float(RANK)),
-        router=RouterDefaults(max_active=10),
-        experts=tuple(experts),
-    )
     rng = np.random.default_rng(seed)
-    write_library(root, manifest, normalize_rows(rng.normal(size=(NUM_EXPERTS, 8))))
-    return root
+    return write_random_library(root, model_dir, rng.normal(size=(NUM_EXPERTS, 8)), rank=RANK,
+                                seed=seed)
 
 
 def routings(n: int, count: int, seed: int) -> list[tuple[list[int], list[float]]]:
@@ -423,7 +381,9 @@ async def amain(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="ttmm-bench-", dir=args.scratch))
     try:
         if args.smoke:
-            from tests.tiny import build_tiny_llama  # the tests' tiny model, built in seconds
+            from ttmm_vllm.testing import (
+                build_tiny_llama,  # the tests' tiny model, built in seconds
+            )
 
             model_dir = build_tiny_llama(work / "tiny-llama")
         else:
@@ -503,8 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         args.prompt_tokens = 16 if args.smoke else 64
     if args.out is None:
         args.out = f"benchmarks/results/lora_throughput{'-smoke' if args.smoke else ''}"
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_env()
     asyncio.run(amain(args))
 
 

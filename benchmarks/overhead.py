@@ -75,7 +75,7 @@ def token_time(client, prompt: str, reps: int, tokens: int, routing) -> float:
 def measure_path(bench: BenchLibrary, path: str, rows: list[Row], prompts: list[str],
                  args: argparse.Namespace) -> dict[str, Any]:
     from ttmm_vllm.client import routing_options
-    from ttmm_vllm.engine import EngineConfig
+    from ttmm_vllm.serve.engine_api import EngineConfig
 
     k = bench.num_experts
     ids = [e.id for e in bench.manifest.active_experts]

@@ -148,7 +148,7 @@ def score_on_server(run: Run, served: common.Served, routing: tuple[str, int]) -
 def product_phase(run: Run, methods: Sequence[Method]) -> None:
     """Start the server once, score every routing a row needs, stop it (so the reference
     phase has the cores to itself)."""
-    from ttmm_vllm.engine import EngineConfig
+    from ttmm_vllm.serve.engine_api import EngineConfig
 
     needed: list[tuple[str, int]] = []
     for m in methods:

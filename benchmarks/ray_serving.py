@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     out = common.results_dir(f"ray-serving-{bench.root.name}", args.out, args.smoke)
     prompts = workload(bench, args.distinct, args.requests, args.seed)
 
-    from ttmm_vllm.engine import EngineConfig
-    from ttmm_vllm.server import ServerConfig
+    from ttmm_vllm.serve.engine_api import EngineConfig
+    from ttmm_vllm.serve.grpc_server import ServerConfig
 
     engine = EngineConfig(merge_path=args.merge_path, max_num_seqs=max(32, args.concurrency),
                           kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)))
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from ttmm_vllm import ray_serve
     from ttmm_vllm.ray_runtime import forwarded_env
+    from ttmm_vllm.serve import ray_serve
 
     layouts = [(1, False), (args.replicas, False), (args.replicas, True)]
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500 << 20,

@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from ttmm_vllm.engine import EngineConfig
+    from ttmm_vllm.serve.engine_api import EngineConfig
 
     args = common.parse_run_args(parser(), argv)
     if args.smoke:

@@ -125,7 +125,7 @@ def requester(mode: str, client, max_tokens: int, static_expert: int, pool: Thre
 
 
 def measure(bench: BenchLibrary, args: argparse.Namespace, prompts: list[str]) -> list[dict]:
-    from ttmm_vllm.engine import EngineConfig
+    from ttmm_vllm.serve.engine_api import EngineConfig
 
     engine = EngineConfig(merge_path=args.merge_path,
                           max_model_len=bench.query_tokens + args.max_tokens + 16,

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
+from ttmm_vllm.home import offline_env
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+offline_env()
 
 import pytest  # noqa: E402
 
-from tests import tiny  # noqa: E402
+from ttmm_vllm import testing as tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,20 +53,14 @@ SERVER_ENGINE = dict(max_model_len=256, max_num_seqs=32, max_loras=8, idle_adapt
 @pytest.fixture(scope="session")
 def server(loop, tiny_library, tiny_model_dir):
     """The real ttmm gRPC server on 127.0.0.1 (any free port), tiny model, tiny library."""
-    from ttmm_vllm.engine import EngineConfig
-    from ttmm_vllm.library import Library
-    from ttmm_vllm.server import Server, ServerConfig
-    from ttmm_vllm.service import TTMMService
+    from ttmm_vllm.serve import ServeConfig, start
+    from ttmm_vllm.serve.engine_api import EngineConfig
+    from ttmm_vllm.serve.grpc_server import ServerConfig
 
-    lib = Library.open(tiny_library, base_model_dir=tiny_model_dir)
-    engine_cfg = EngineConfig(**SERVER_ENGINE)  # the default: merged in the worker
-
-    async def start():
-        svc = await TTMMService.start(lib, engine_cfg, model_dir=tiny_model_dir)
-        return await Server.start(svc, ServerConfig(port=0, metrics_port=0, max_inflight=64,
-                                                    grace_s=5))
-
-    srv = loop.run(start())
+    srv = loop.run(start(ServeConfig(
+        library=str(tiny_library), base_model=str(tiny_model_dir),
+        engine=EngineConfig(**SERVER_ENGINE),  # the default: merged in the worker
+        server=ServerConfig(port=0, metrics_port=0, max_inflight=64, grace_s=5))))
     yield srv
     loop.run(srv.stop(grace=2))
 

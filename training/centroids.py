@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ttmm_vllm.library import normalize_rows
+from ttmm_vllm.routing.weights import normalize_rows
 
 
 def centroids(embeddings: np.ndarray, members: Sequence[np.ndarray]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """One typed object for a library build: every knob of `ttmm build`, its default and its help.
 
-The CLI builds the parser from these fields (ttmm_vllm/commands/build.py), so a knob is
+The CLI builds the parser from these fields (ttmm_vllm/cli/build.py), so a knob is
 declared once, here. Defaults follow the paper (Appendix E, Table 3) where they fit a CPU:
 lr 2e-4, AdamW (0.9, 0.999, 1e-8, weight decay 0.01), batch 4, LoRA alpha 16, one epoch on the
 first 1024 tokens of each document; rank 16 instead of 64, and K 16 instead of 100.
@@ -48,7 +48,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 class BuildConfig:
     # ---- inputs and outputs
     corpus: str = knob("", "corpus spec: a JSONL file, a text folder, 'wiki', 'python', "
-                           "'hf:<dataset>' (see ttmm_vllm.sources)")
+                           "'hf:<dataset>' (see training.sources)")
     out: Path = knob(Path(), "library directory to write")
     base_model: Path = knob(Path(), "base model folder (Hugging Face format, safetensors)")
     embedder: Path = knob(Path(), "sentence-transformers model folder: clusters the corpus "

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from training.sources import Document, load_documents
 from ttmm_vllm.library import atomic_write_bytes
-from ttmm_vllm.sources import Document, load_documents
 
 
 def truncate(docs: Sequence[Document], tokenizer, max_tokens: int, min_tokens: int = 1,

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ttmm_vllm.embed import Embedder
-from ttmm_vllm.library import normalize_rows
+from ttmm_vllm.routing.embed import Embedder
+from ttmm_vllm.routing.weights import normalize_rows
 
 
 def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 64,
@@ -31,7 +31,7 @@ def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 64,
 def prefix_texts(tokenizer, texts: Sequence[str], query_tokens: int) -> list[str]:
     """The first `query_tokens` tokens of each text (base tokenizer): what a query looks like.
 
-    Same cut as `ttmm_vllm.embed.query_text`, batched.
+    Same cut as `ttmm_vllm.routing.embed.query_text`, batched.
     """
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     return [tokenizer.decode(t[:query_tokens]) for t in ids]

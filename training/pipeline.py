@@ -161,7 +161,7 @@ class Pipeline:
 
     def _embedder(self, kind: str):
         if kind not in self._embedders:
-            from ttmm_vllm.embed import load_embedder
+            from ttmm_vllm.routing.embed import load_embedder
 
             self._embedders[kind] = load_embedder(kind, self._embedder_path(kind))
         return self._embedders[kind]

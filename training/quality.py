@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from training.evaluate import ScoreCache, perplexity
 from training.tune import best_point, routing_weights
-from ttmm_vllm.router import Mode, RoutingParams, Variant
+from ttmm_vllm.routing.router import Mode, RoutingParams, Variant
 
 RESAMPLES = 2000
 LEVEL = 0.95

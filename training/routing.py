@@ -6,7 +6,7 @@ centroids by cosine similarity. pass@k is the share of documents whose own clust
 the top k (the paper's Figure 6, right). If pass@10 is low, no temperature can help: the
 experts that would help are not among the candidates.
 
-Two embeddings are on offer (`ttmm_vllm.embed`): a sentence-transformers model, and the base
+Two embeddings are on offer (`ttmm_vllm.routing.embed`): a sentence-transformers model, and the base
 model's own mean-pooled last hidden states (the paper's pointer to Lu et al., 2024). Which
 routes better depends on the corpus (prose vs code), so a build measures both on its tuning
 documents and keeps the better (`choose_embedding`).

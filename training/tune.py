@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from training.evaluate import ScoreCache, perplexity
-from ttmm_vllm.router import RoutingParams, Variant, decide
+from ttmm_vllm.routing.router import RoutingParams, Variant, decide
 
 
 @dataclass

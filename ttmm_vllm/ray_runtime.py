@@ -18,14 +18,15 @@ import logging
 import os
 from collections.abc import Iterator
 
+from ttmm_vllm.home import OFFLINE_ENV
+
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
 
-# The offline settings the CLI sets for itself; Ray workers on other machines do not inherit
-# this process's environment, so they get the same values explicitly.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
-                 "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK")
+# The settings the CLI runs with; Ray workers on other machines do not inherit this
+# process's environment, so they get the same values explicitly.
+FORWARDED_ENV = tuple(OFFLINE_ENV)
 
 
 def forwarded_env() -> dict[str, str]:

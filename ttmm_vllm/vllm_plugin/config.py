@@ -1,4 +1,4 @@
-"""The plugin's configuration and its contract with the engine (`ttmm_vllm/engine.py`).
+"""The plugin's configuration and its contract with the engine (`ttmm_vllm/serve/engine.py`).
 
 The engine builds one `PluginConfig`, adds `engine_kwargs(config, ...)` to vLLM's
 `AsyncEngineArgs`, and builds routing adapters with `routing_request(...)`. How the config

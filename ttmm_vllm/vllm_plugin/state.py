@@ -64,7 +64,7 @@ class PluginState:
 
     def bank(self, root: str | Path) -> ExpertBank:
         """The bank of a library, loaded on first use (once per process)."""
-        key = _key(root)
+        key = library_key(root)
         bank = self.banks.get(key)
         return bank if bank is not None else self.reload_bank(key)
 
@@ -74,7 +74,7 @@ class PluginState:
         Adapters already loaded keep the bank they were built on (their `Route` holds it),
         so requests in flight are unaffected; new adapters use the new bank.
         """
-        key = _key(root)
+        key = library_key(root)
         if self.manager is None:
             raise RuntimeError("ttmm: no vLLM LoRA manager yet (is LoRA enabled?)")
         layouts = layouts_from_manager(self.manager)
@@ -87,7 +87,7 @@ class PluginState:
         return bank
 
     def forget_bank(self, root: str | Path) -> None:
-        self.banks.pop(_key(root), None)
+        self.banks.pop(library_key(root), None)
 
     # ---- adapters and routings
 
@@ -121,7 +121,7 @@ class PluginState:
         self.version += 1
 
 
-def _key(root: str | Path) -> str:
+def library_key(root: str | Path) -> str:
     return str(Path(root).expanduser().resolve())
 
 

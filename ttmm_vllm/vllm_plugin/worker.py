@@ -35,9 +35,9 @@ class TTMMWorkerExtension:
     def ttmm_remove_expert(self, library_root: str, expert_id: int) -> bool:
         """Drop a removed expert from the resident bank; adapters in flight keep theirs."""
         from ttmm_vllm.library import Library
-        from ttmm_vllm.vllm_plugin.state import _key
+        from ttmm_vllm.vllm_plugin.state import library_key
 
-        if _key(library_root) not in STATE.banks:
+        if library_key(library_root) not in STATE.banks:
             return True  # not loaded yet: a later first use reads the new manifest
 
         if Library.open(library_root, verify_checksums=False).manifest.active_experts:

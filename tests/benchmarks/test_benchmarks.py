@@ -1,0 +1,105 @@
+"""The benchmarks never rot: `python -m benchmarks.run_all --smoke` runs every benchmark end to
+end on the tiny model (a tiny `ttmm build` library, the real gRPC server, the reference
+baselines) and each writes its JSON, markdown table and plots with every row present and
+finite. Speed is not asserted here (the machine is shared); only that everything runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.quality import METHODS
+from benchmarks.throughput import MODES
+from ttmm_vllm.home import OFFLINE_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _finite(*xs) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_all_smoke_writes_every_row(tmp_path):
+    env = dict(os.environ, **OFFLINE_ENV)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--smoke", "--out",
+                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=580)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    q = tmp_path / "quality"
+    for f in ("results.json", "results.md", "perplexity.png", "experts.png", "cost.png"):
+        assert (q / f).stat().st_size > 0, f
+    res = json.loads((q / "results.json").read_text())
+    rows = {r["key"]: r for r in res["rows"]}
+    assert set(rows) == {m.key for m in METHODS}
+    for r in rows.values():
+        assert _finite(r["perplexity"], *r["ci95"], r["mean_active"]), r["key"]
+        assert r["ci95"][0] <= r["perplexity"] <= r["ci95"][1], r["key"]
+    assert {(p["a"], p["b"]) for p in res["pairs"]} >= {("ttmm10", "multitask")}
+    assert all(_finite(p["difference"], p["lo"], p["hi"]) for p in res["pairs"])
+    # the product's Score and the transformers reference agree on the base row
+    assert res["checks"]["base"]["max_abs_mean_nll_diff"] < 1e-2
+    md = (q / "results.md").read_text()
+    assert all(m.name in md for m in METHODS)
+
+    o = tmp_path / "overhead"
+    for f in ("results.json", "results.md", "overhead.png"):
+        assert (o / f).stat().st_size > 0, f
+    res = json.loads((o / "results.json").read_text())
+    assert [p["merge_path"] for p in res["paths"]] == ["worker", "disk"]
+    for p in res["paths"]:
+        assert _finite(p["token_ms_base"], p["token_ms_merged"])
+        assert [r["active"] for r in p["rows"]][-1] is None  # the routed row
+        for r in p["rows"]:
+            assert _finite(r["overhead_ms_p50"], r["overhead_tokens"], r["embed_ms_p50"]), r
+    assert _finite(res["ttt"]["overhead_s"], res["summary"]["ttt_over_ttmm"])
+
+    t = tmp_path / "throughput"
+    for f in ("results.json", "results.md", "throughput.png"):
+        assert (t / f).stat().st_size > 0, f
+    res = json.loads((t / "results.json").read_text())
+    got = {(r["mode"], r["concurrency"]) for r in res["rows"]}
+    assert got == {(m.key, c) for m in MODES for c in res["config"]["concurrency"]}
+    for r in res["rows"]:
+        assert _finite(r["tokens_per_s"], r["latency_p50_s"], r["latency_p99_s"],
+                       r["ratio_to_base"]), r
+        assert r["tokens"] > 0
+
+    r = tmp_path / "rerouting"
+    for f in ("results.json", "results.md", "rerouting.png"):
+        assert (r / f).stat().st_size > 0, f
+    res = json.loads((r / "results.json").read_text())
+    assert [row["every"] for row in res["rows"]] == [0, 4]
+    for row in res["rows"]:
+        assert _finite(row["perplexity"], *row["ci95"], row["gen_tok_per_s"]), row
+    assert res["rows"][1]["switches_per_doc"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_build_benchmark_smoke(tmp_path):
+    """`benchmarks.ray_build --smoke`: the tiny build local and on a local Ray, timed, and the
+    two libraries' experts compared tensor by tensor (equal: same seeds, data order, threads)."""
+    pytest.importorskip("ray", reason="Ray is the optional extra ttmm-vllm[ray]")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ray_build", "--smoke", "--out",
+                           str(tmp_path), "--assets", str(tmp_path / "assets")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert list(res["rows"]) == ["local", "ray", "ray rerun (all finished)"]
+    assert all(_finite(r["wall_s"]) and r["wall_s"] > 0 for r in res["rows"].values())
+    assert [r["trained"] for r in res["rows"].values()] == [4, 4, 0]  # the rerun skips all
+    assert res["max_expert_difference"] == 0.0
+    assert "| ray |" in (tmp_path / "results.md").read_text()

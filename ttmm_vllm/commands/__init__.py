@@ -1,1 +1,0 @@
-"""One module per `ttmm` subcommand: `add_parser(subparsers)` sets `func` to its runner."""

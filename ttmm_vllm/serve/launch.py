@@ -1,0 +1,48 @@
+"""Starting a server: the one sequence the CLI, the demo, the benchmarks and the tests share.
+
+    open + validate the library -> embedder -> vLLM engine -> service -> gRPC server
+
+`start(config)` returns the running `Server`; `await server.stop()` drains it and shuts the
+engine down. Everything a start needs is one typed `ServeConfig`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ttmm_vllm.library import Library
+from ttmm_vllm.routing.embed import load_library_embedder
+from ttmm_vllm.serve.engine import Engine
+from ttmm_vllm.serve.engine_api import EngineConfig
+from ttmm_vllm.serve.grpc_server import Server, ServerConfig
+from ttmm_vllm.serve.service import ServiceConfig, TTMMService
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `ttmm serve` needs: the library, and one config per concern."""
+
+    library: str
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    # The served model folder (default: the library's); its fingerprint must match.
+    base_model: str | None = None
+    # The sentence-transformers folder (default: the library's).
+    embedder: str | None = None
+
+
+async def start(config: ServeConfig) -> Server:
+    """Open the library, start the engine and the gRPC server; the engine is shut down again
+    if the server cannot start (a port in use, unreadable TLS files)."""
+    lib = await asyncio.to_thread(Library.open, config.library)
+    embedder = await asyncio.to_thread(load_library_embedder, lib.manifest.embedder,
+                                       config.embedder)
+    engine = await Engine.start(lib, config.engine, config.base_model)
+    service = TTMMService(lib, engine, embedder, config.service)
+    try:
+        return await Server.start(service, config.server)
+    except BaseException:
+        await service.shutdown()
+        raise
