@@ -22,10 +22,10 @@ from ttmm_vllm.library import (
     Library,
     RouterDefaults,
     expert_dirname,
-    normalize_rows,
     write_adapter,
 )
 from ttmm_vllm.routing.embed import SentenceEmbedder
+from ttmm_vllm.routing.weights import normalize_rows
 from ttmm_vllm.stubs import pb2
 
 FOREIGN_PROMPT = "def __init__(self): return {} # 0x1F ++ ;; <<>> [] ()"
