@@ -67,6 +67,10 @@ class LoraSpec:
     rank: int = 16
     alpha: float = 16.0
     target_modules: tuple[str, ...] = LLAMA_TARGETS
+    # True: every expert has the same A per module (the library's shared A, frozen at train
+    # time; only B is trained). A weighted merge is then exact at rank r:
+    # sum_k w_k s_k B_k A = (sum_k w_k s_k B_k) A, and serves like one rank-r adapter.
+    shared_a: bool = False
 
 
 @dataclass(frozen=True)
