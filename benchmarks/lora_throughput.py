@@ -163,7 +163,7 @@ def write_disk_merges(lib_root: Path, out: Path, rts) -> tuple[list[str], float]
 # --------------------------------------------------------------------------- engine
 
 
-def start_engine(model_dir: Path, spec: EngineSpec, lib_root: Path, kv_bytes: int):
+def start_engine(model_dir: Path, spec: EngineSpec, lib_root: Path | None, kv_bytes: int):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -177,7 +177,8 @@ def start_engine(model_dir: Path, spec: EngineSpec, lib_root: Path, kv_bytes: in
               enable_prefix_caching=False, kv_cache_memory_bytes=kv_bytes,
               disable_log_stats=True)
     if spec.lora:
-        pc = PluginConfig(enabled=spec.plugin, library=str(lib_root) if spec.plugin else None)
+        pc = PluginConfig(enabled=spec.plugin,
+                          library=str(lib_root) if spec.plugin and lib_root else None)
         kw.update(engine_kwargs(pc, max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
                                 max_cpu_loras=spec.max_cpu_loras or 2 * 32 + spec.max_loras))
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
@@ -388,6 +389,13 @@ async def amain(args) -> None:
             model_dir = build_tiny_llama(work / "tiny-llama")
         else:
             model_dir = Path(args.model).expanduser()
+        if args.library_size:
+            from benchmarks.lora_scale import run_scale, write_scale_report
+
+            rows = await run_scale(args, model_dir, work, w)
+            write_scale_report(Path(args.out), rows, run_config(args, model_dir, w))
+            print((Path(args.out) / "scale.md").read_text())
+            return
         lib_root = build_library(work / "library", model_dir)
         rows = [r for r in ROWS if not args.rows or any(s in r.name for s in args.rows)]
         from transformers import AutoConfig
@@ -421,23 +429,28 @@ async def amain(args) -> None:
             finally:
                 llm.shutdown()
                 await asyncio.sleep(1.0)
-        import torch
-        import vllm
-
-        config = {
-            "command": "python -m benchmarks.lora_throughput " + " ".join(args.argv),
-            "model": str(model_dir), "model_name": "tiny-llama" if args.smoke else
-            Path(model_dir).name, "workload": asdict(w), "engines": {
-                k: asdict(v) for k, v in ENGINES.items()}, "experts": {
-                "library_size": NUM_EXPERTS, "rank": RANK},
-            "vllm": vllm.__version__, "torch": torch.__version__, "cpus": os.cpu_count(),
-            "machine": platform.processor() or platform.machine(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        config = dict(run_config(args, model_dir, w), engines={
+            k: asdict(v) for k, v in ENGINES.items()}, experts={
+            "library_size": NUM_EXPERTS, "rank": RANK})
         write_report(Path(args.out), results, config)
         print((Path(args.out) / "results.md").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_config(args, model_dir: Path, w: Workload) -> dict:
+    """What a results file records about its run."""
+    import torch
+    import vllm
+
+    return {
+        "command": "python -m benchmarks.lora_throughput " + " ".join(args.argv),
+        "model": str(model_dir), "model_name": "tiny-llama" if args.smoke else
+        Path(model_dir).name, "workload": asdict(w),
+        "vllm": vllm.__version__, "torch": torch.__version__, "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -452,6 +465,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--scratch", default=None, help="where merges are written (default /tmp)")
     p.add_argument("--kv-bytes", type=int, default=256 << 20)
+    p.add_argument("--library-size", nargs="*", type=int, default=[],
+                   help="instead of the rows above: decode throughput against library size "
+                   "(benchmarks/lora_scale.py), e.g. --library-size 16 64 256")
+    p.add_argument("--distinct-experts", type=int, default=256,
+                   help="with --library-size: experts drawn at random; larger libraries reuse "
+                   "their files by hard links (default: %(default)s)")
+    p.add_argument("--mix-max-rank", type=int, default=4096,
+                   help="with --library-size: skip 'mix' when K x rank exceeds this (its bank "
+                   "holds every expert; default: %(default)s)")
     p.add_argument("--profile", nargs="*", default=[],
                    help="py-spy the worker during rows whose name contains one of these "
                         "(timings of those rows include the sampler's overhead)")

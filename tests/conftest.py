@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ttmm_vllm.home import offline_env
 
 offline_env()
@@ -14,6 +17,14 @@ from ttmm_vllm import testing as tiny  # noqa: E402
 @pytest.fixture(scope="session")
 def corpus() -> list[dict]:
     return tiny.synthetic_corpus()
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, corpus) -> Path:
+    """The synthetic corpus as the JSONL file `ttmm build --corpus` reads."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -52,15 +63,18 @@ SERVER_ENGINE = dict(max_model_len=256, max_num_seqs=32, max_loras=8, idle_adapt
 
 @pytest.fixture(scope="session")
 def server(loop, tiny_library, tiny_model_dir):
-    """The real ttmm gRPC server on 127.0.0.1 (any free port), tiny model, tiny library."""
+    """The real ttmm gRPC server on 127.0.0.1 (any free port), tiny model, tiny library, with
+    the OpenAI-compatible HTTP door beside it (`server.http.port`)."""
     from ttmm_vllm.serve import ServeConfig, start
     from ttmm_vllm.serve.engine_api import EngineConfig
     from ttmm_vllm.serve.grpc_server import ServerConfig
+    from ttmm_vllm.serve.http_server import HttpConfig
 
     srv = loop.run(start(ServeConfig(
         library=str(tiny_library), base_model=str(tiny_model_dir),
         engine=EngineConfig(**SERVER_ENGINE),  # the default: merged in the worker
-        server=ServerConfig(port=0, metrics_port=0, max_inflight=64, grace_s=5))))
+        server=ServerConfig(port=0, metrics_port=0, max_inflight=64, grace_s=5),
+        http=HttpConfig(port=0))))
     yield srv
     loop.run(srv.stop(grace=2))
 
@@ -68,3 +82,14 @@ def server(loop, tiny_library, tiny_model_dir):
 @pytest.fixture(scope="session")
 def target(server) -> str:
     return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="session")
+def client(target):
+    """A TTMMClient on the session server, ready."""
+    from ttmm_vllm.client import TTMMClient
+
+    c = TTMMClient(target)
+    c.wait_ready(60)
+    yield c
+    c.close()

@@ -1,4 +1,5 @@
-"""Stage 5: one centroid per expert, the re-normalised mean embedding of its training documents.
+"""Stage 6 (routing): one centroid per expert, the re-normalised mean embedding of its training
+documents.
 
 Re-normalising matters (the paper, section 3): the mean of many unit vectors is shorter the
 more spread they are, so without it a large, diverse cluster would lose every inner-product

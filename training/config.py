@@ -84,6 +84,14 @@ class BuildConfig:
     rank: int = knob(16, "LoRA rank")
     alpha: float = knob(16.0, "LoRA alpha (scaling = alpha / rank)")
     target_modules: tuple[str, ...] = knob(LLAMA_TARGETS, "module names LoRA adapts")
+    shared_a: bool = knob(
+        False,
+        "experts share one frozen A per module: a seeded random A, identical for every expert "
+        "(its seed is fixed, independent of --seed and of each expert's own seed), and only "
+        "B is trained per expert. A weighted merge of such experts is exact at rank r "
+        "(sum_k w_k B_k A = (sum_k w_k B_k) A) and serves like a single rank-r adapter. The "
+        "multitask adapter, if any, trains normally (its own A); starting the shared A from "
+        "it when the experts branch from it is a possible later refinement")
     lr: float = knob(2e-4, "AdamW learning rate (constant)")
     batch_size: int = knob(4, "documents per optimisation step")
     weight_decay: float = knob(0.01, "AdamW weight decay")

@@ -9,6 +9,12 @@ Every adapter folder is written atomically (a temporary folder, then a rename) w
 (`ttmm-train.json`: the weights' sha256 and the job's fingerprint), so a killed build resumes
 by skipping every folder whose record checks out. Training is deterministic given the job:
 the seed fixes the LoRA initialisation, the job fixes the data order.
+
+Shared A (`TrainSettings.shared_a`, `ttmm build --shared-a`): every expert's lora_A is the same
+seeded random matrix per module, drawn from `SHARED_A_SEED` (not the job's seed, so every
+expert of every build of the same model and rank gets the same A, an expert trained later
+included) and frozen; only B trains. Then sum_k w_k s B_k A = (sum_k w_k s B_k) A: a merge of
+any number of experts is exact at rank r.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RECORD = "ttmm-train.json"
 _PEFT_PREFIX = "base_model.model."
+SHARED_A_SEED = 0  # the seed of the shared A; part of a shared-A job's fingerprint
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class TrainSettings:
     adam_eps: float = 1e-8
     epochs: int = 1
     max_tokens: int = 1024
+    shared_a: bool = False  # one frozen, seeded A per module for every expert; B trains
     # Not part of what is trained (left out of the fingerprint):
     threads: int = 0  # torch threads in the training process (0: leave torch's default)
     progress: bool = True  # a per-step bar (off in worker processes)
@@ -71,6 +79,8 @@ class ExpertJob:
         s = asdict(self.settings)
         s.pop("threads")
         s.pop("progress")
+        if s.pop("shared_a"):  # absent when off: fingerprints of plain jobs stay as they were
+            s["shared_a_seed"] = SHARED_A_SEED
         texts = hashlib.sha256("\x00".join(self.texts).encode()).hexdigest()
         key = {"settings": s, "base": self.base_fingerprint, "seed": self.seed,
                "texts": texts, "n": len(self.texts)}
@@ -138,6 +148,8 @@ def train_adapter(job: ExpertJob) -> TrainedAdapter:
     lora = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=list(s.target_modules),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if s.shared_a:
+        share_a(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.adam_betas), eps=s.adam_eps,
@@ -190,6 +202,34 @@ def train_adapter(job: ExpertJob) -> TrainedAdapter:
         "tokens_per_s": round(trained_tokens / seconds, 1) if seconds > 0 else None,
     }
     return TrainedAdapter({m: (a, b) for m, (a, b) in modules.items()}, metrics)
+
+
+def share_a(model) -> None:
+    """Set every lora_A of a PEFT model to the shared A and freeze it.
+
+    Each module's A is drawn from its own generator, seeded by `SHARED_A_SEED` and the
+    module's name (as the library names it, e.g. `model.layers.0.self_attn.q_proj`), with
+    PEFT's default distribution (kaiming-uniform with a=sqrt(5): uniform in
+    +-1/sqrt(in_features)). So A depends on the module and its shape only: never on the
+    job's seed, its data, or the order modules are visited in.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+            for lora_a in module.lora_A.values():
+                weight = lora_a.weight  # (r, in)
+                seed = int.from_bytes(hashlib.sha256(
+                    f"{SHARED_A_SEED}:{name}".encode()).digest()[:8], "little")
+                gen = torch.Generator().manual_seed(seed)
+                bound = 1.0 / weight.shape[1] ** 0.5
+                shared = (torch.rand(weight.shape, generator=gen, dtype=torch.float64) * 2 - 1)
+                weight.copy_((shared * bound).to(weight.dtype))
+                weight.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- folders

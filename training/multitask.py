@@ -10,12 +10,19 @@ builds start the experts from it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from training.experts import ExpertJob, TrainSettings
 
 FOLDER = "multitask"
+
+
+def baseline_settings(settings: TrainSettings) -> TrainSettings:
+    """The experts' settings for the baseline, but with its own trained A: the baseline is
+    ordinary LoRA fine-tuning whether or not the experts share a frozen A."""
+    return replace(settings, shared_a=False)
 
 
 def multitask_order(members: Sequence[np.ndarray], seed: int) -> np.ndarray:
@@ -27,6 +34,8 @@ def multitask_order(members: Sequence[np.ndarray], seed: int) -> np.ndarray:
 def multitask_job(texts: Sequence[str], order: np.ndarray, *, base_model: str,
                   base_fingerprint: str, settings: TrainSettings, seed: int,
                   out_dir: str) -> ExpertJob:
+    """The multitask adapter's job: every expert's documents in `order`, the experts'
+    settings (see `baseline_settings`), written to the library's multitask/ folder."""
     return ExpertJob(name="multitask", expert_id=-1, base_model=base_model,
                      base_fingerprint=base_fingerprint,
                      texts=tuple(texts[i] for i in order), settings=settings, seed=seed,

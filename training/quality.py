@@ -15,18 +15,29 @@ same documents:
 Uncertainty: a 95% percentile bootstrap over documents (the same resampled documents for every
 row), and paired intervals for differences (both rows recomputed on each resample, so document
 difficulty, most of the spread, cancels).
+
+In the build this is stage 8 (`evaluate_test_documents`, cached as `evaluate.json`): it runs
+after tuning, on the test documents only, so the table says how the tuned library does on
+documents nothing was chosen with.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from training.clusters import Clustering, Split
+from training.context import BuildContext, digest
+from training.documents import Corpus
 from training.evaluate import ScoreCache, perplexity
-from training.tune import best_point, routing_weights
+from training.expert_sets import BRANCHED, PLAIN, ExpertSets
+from training.routing import RoutingEmbedding
+from training.tune import SetChoice, best_point, routing_weights
+from ttmm_vllm.library import atomic_write_json, read_adapter
 from ttmm_vllm.routing.router import Mode, RoutingParams, Variant
 
 RESAMPLES = 2000
@@ -143,3 +154,87 @@ def summarise(rows: Mapping[str, Scores], labels: np.ndarray, k: int,
             "pairs": diffs, "per_cluster": per_cluster,
             "per_document": {name: {"nll": nll.tolist(), "tokens": cnt.tolist()}
                              for name, (nll, cnt) in rows.items()}}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def evaluate_test_documents(ctx: BuildContext, corpus: Corpus, clustering: Clustering,
+                            split: Split, experts: ExpertSets, routing: RoutingEmbedding,
+                            tuning: dict[str, dict[str, Any]], choice: SetChoice
+                            ) -> dict[str, Any] | None:
+    """Stage 8: the quality table on the test documents (cached); None without tuning (the
+    rows use each set's tuned grid) or without test documents."""
+    cfg = ctx.cfg
+    if not tuning or not len(split.test):
+        return None
+    sims = routing.sims(split.test)
+    key = {"sets": {n: [e.sha256 for e in s.experts] + [s.fingerprint]
+                    for n, s in experts.sets.items()},
+           "multitask": experts.multitask.sha256 if experts.multitask else None,
+           "tuning": {n: t["grid"] for n, t in tuning.items()}, "chosen": choice.name,
+           "test": digest(split.test.tolist()), "queries": digest(sims.round(6).tolist()),
+           "active_counts": list(cfg.tuned_active_counts),
+           **cfg.subset("heatmap", "query_tokens", "max_tokens")}
+    path = ctx.work / "evaluate.json"
+    ctx.stage("evaluate", key, [path], lambda: atomic_write_json(
+        path, score_test_documents(ctx, corpus, clustering, split.test, experts, tuning,
+                                   sims, choice.name)))
+    return json.loads(path.read_text())
+
+
+def score_test_documents(ctx: BuildContext, corpus: Corpus, clustering: Clustering,
+                         test_ids: np.ndarray, experts: ExpertSets,
+                         tuning: dict[str, dict[str, Any]], sims: np.ndarray, chosen: str
+                         ) -> dict[str, Any]:
+    """Every row of the table scored on the test documents, summarised with the paired
+    differences the report's verdicts are about."""
+    from training.evaluate import AdapterMixer
+
+    cfg = ctx.cfg
+    docs = corpus.docs
+    texts = [docs[i]["text"] for i in test_ids]
+    labels = clustering.labels[test_ids]
+    kw = dict(max_tokens=cfg.max_tokens, batch_size=cfg.eval_batch_size)
+    model, tokenizer = ctx.model(ctx.base)
+    rows = {}
+    mixer = None
+    if experts.multitask is not None:
+        mixer = AdapterMixer(model, [read_adapter(experts.multitask.out_dir)])
+    try:
+        cache = ScoreCache(model, tokenizer, texts, cfg.query_tokens, mixer=mixer, **kw)
+        rows["base"] = cache.score(None)
+        if mixer is not None:
+            rows["multitask"] = cache.score(np.ones((len(texts), 1)))
+    finally:
+        if mixer is not None:
+            mixer.remove()
+    details = {}
+    for name, s in experts.sets.items():
+        model, tokenizer = ctx.model(s.model_dir)
+        mixer = AdapterMixer(model, [read_adapter(e.out_dir, e.expert_id)
+                                     for e in s.experts])
+        try:
+            cache = ScoreCache(model, tokenizer, texts, cfg.query_tokens, mixer=mixer, **kw)
+            r, details[name] = set_rows(name, cache, tuning[name]["grid"], sims, labels,
+                                        cfg.tuned_active_counts, heatmap=cfg.heatmap)
+        finally:
+            mixer.remove()
+        rows.update(r)
+    top = max(cfg.tuned_active_counts)
+    tuned = tuning[chosen]["max_active"]
+    pairs = []
+    for name in experts.sets:
+        pairs += [(f"{name} TTMM {top}", "multitask"), (f"{name} TTMM {top}", "base")]
+    if len(experts.sets) == 2:
+        pairs += [(f"{BRANCHED} TTMM {top}", f"{PLAIN} TTMM {top}"),
+                  (f"{BRANCHED} own expert", f"{PLAIN} own expert")]
+    if tuned != top:
+        pairs.append((f"{chosen} TTMM {tuned}", "multitask"))
+    out = summarise(rows, labels, cfg.k, pairs, seed=cfg.seed)
+    out["test_documents"] = corpus.ids(test_ids)
+    out["labels"] = labels.tolist()
+    out["sets"] = details
+    out["chosen"] = chosen
+    out["served_row"] = f"{chosen} TTMM {tuned}"
+    return out

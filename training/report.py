@@ -144,6 +144,13 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["## Experts", "", f"Served set: {r['branch']['chosen']}. " + "; ".join(
         f"{n}: trained from {s['model']} ({_f(s['train_seconds'], 0)} s, mean last loss "
         f"{_f(s['loss_last'], 3)})" for n, s in r["expert_sets"].items()) + ".", ""]
+    cfg = r.get("config", {})
+    if cfg.get("shared_a"):
+        rank = cfg.get("rank")
+        lines += [f"Shared A (--shared-a): every expert has the same frozen, seeded A per "
+                  f"module and only its B was trained, so a merge of any number of experts is "
+                  f"exact at rank {rank} and serves like a single rank-{rank} adapter (the "
+                  "multitask adapter, if any, trained its own A).", ""]
     lines += _table(["id", "title", "train docs", "holdout", "tokens", "loss first -> last",
                      "seconds"],
                     [[e["id"], e["title"], e["documents"], e["holdout"], e.get("tokens", "-"),

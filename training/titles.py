@@ -1,16 +1,54 @@
-"""Stage 6: a short title per cluster, so a routing can be explained ("why these experts?").
+"""Stage 5: a short title per cluster, so a routing can be explained ("why these experts?").
 
 The paper asked an LLM to summarise ten documents per cluster; here, without one, a title is
 the cluster's most distinctive words (class-based TF-IDF: each cluster's training text is one
 document, so a word common to every cluster scores low) and, when documents have titles, the
 title of the document nearest the centroid.
+
+Titles come from the clustering embedding whatever embedding ends up routing: they describe
+the clusters, which that embedding made. Cheap, so not cached.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from training.centroids import centroids
+from training.context import BuildContext
+from training.documents import Corpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Titles:
+    """Per expert: its title, and the titles of the documents nearest its centroid."""
+
+    titles: list[str]
+    examples: list[list[str]]
+
+
+def title_experts(ctx: BuildContext, corpus: Corpus, embeddings: np.ndarray,
+                  members: Sequence[np.ndarray]) -> Titles:
+    """Stage 5: a title per expert from its training documents and the clustering
+    embedding (`embeddings`, (n_docs, d))."""
+    t0 = time.perf_counter()
+    docs = corpus.docs
+    cents = centroids(embeddings, members)
+    doc_titles = [d.get("title", "") for d in docs]
+    examples = [central_titles(embeddings[ids], [doc_titles[i] for i in ids], cents[k])
+                for k, ids in enumerate(members)]
+    texts = [" ".join(docs[i]["text"] for i in ids) for ids in members]
+    titles = cluster_titles(texts, examples)
+    ctx.timings["titles"] = {"seconds": round(time.perf_counter() - t0, 2), "cached": False}
+    for k, t in enumerate(titles):
+        log.info("expert %d: %s", k, t)
+    return Titles(titles, examples)
 
 
 def top_terms(cluster_texts: Sequence[str], n_terms: int = 3) -> list[list[str]]:

@@ -13,19 +13,34 @@ point (the paper's variant first, then fewer active experts: cheaper to serve).
 
 The out-of-reach threshold is calibrated on the same prefixes: a low percentile of their top
 centroid similarity, so about that share of in-distribution prompts would be flagged.
+
+In the build: `tune_sets` runs the grid for each trained expert set (a cached stage per set,
+`tune-plain.json`, `tune-branched.json`), and `choose_set` picks the set the library serves.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from training.clusters import Split
+from training.config import BuildConfig
+from training.context import BuildContext, digest
+from training.documents import Corpus
 from training.evaluate import ScoreCache, perplexity
+from training.expert_sets import BRANCHED, PLAIN, ExpertSet, ExpertSets
+from training.routing import RoutingEmbedding
+from ttmm_vllm.library import atomic_write_json, read_adapter
 from ttmm_vllm.routing.router import RoutingParams, Variant, decide
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,3 +130,81 @@ def tune(cache: ScoreCache, sims: np.ndarray, *, betas: Sequence[float],
     nll, cnt = per_doc[(g.variant, g.max_active, g.beta, g.tau)]
     return TuneResult(g.variant, g.beta, g.tau, g.perplexity, grid, by_variant, nll, cnt,
                       g.max_active)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def tune_sets(ctx: BuildContext, corpus: Corpus, experts: ExpertSets,
+              routing: RoutingEmbedding, split: Split) -> dict[str, dict[str, Any]]:
+    """Stage 7: per expert set, the grid over variant x max_active x beta x tau on the tuning
+    documents, by set name (each a cached stage); {} when --no-tune."""
+    cfg = ctx.cfg
+    if not cfg.tune:
+        return {}
+    if len(split.tune) == 0:
+        raise ValueError("tuning needs holdout documents: raise --holdout-fraction or "
+                         "pass --no-tune")
+    sims = routing.sims(split.tune)
+    texts = [corpus.docs[i]["text"] for i in split.tune]
+    out = {}
+    for name, s in experts.sets.items():
+        key = {"experts": [e.sha256 for e in s.experts], "model": s.fingerprint,
+               "eval": digest(split.tune.tolist()), "queries": digest(sims.round(6).tolist()),
+               "active_counts": list(cfg.tuned_active_counts),
+               **cfg.subset("betas", "taus", "variants", "query_tokens", "max_tokens")}
+        path = ctx.work / f"tune-{name}.json"
+        ctx.stage(f"tune-{name}", key, [path],
+                  lambda s=s, path=path: atomic_write_json(path, tune_set(ctx, s, texts, sims)))
+        out[name] = json.loads(path.read_text())
+    return out
+
+
+def tune_set(ctx: BuildContext, s: ExpertSet, texts: Sequence[str], sims: np.ndarray
+             ) -> dict[str, Any]:
+    """One set's grid on the tuning texts, as JSON (the best point, per variant, the grid)."""
+    from training.evaluate import AdapterMixer
+
+    cfg = ctx.cfg
+    model, tokenizer = ctx.model(s.model_dir)
+    mixer = AdapterMixer(model, [read_adapter(e.out_dir, e.expert_id) for e in s.experts])
+    try:
+        cache = ScoreCache(model, tokenizer, texts, cfg.query_tokens, mixer=mixer,
+                           max_tokens=cfg.max_tokens, batch_size=cfg.eval_batch_size)
+        t = tune(cache, sims, betas=cfg.betas, taus=cfg.taus, variants=cfg.variants,
+                 max_active=cfg.tuned_active_counts)
+    finally:
+        mixer.remove()
+    bests = {round(b["perplexity"], 6) for b in t.best_by_variant.values()}
+    return {"variant": t.variant, "beta": t.beta, "tau": t.tau, "max_active": t.max_active,
+            "perplexity": t.perplexity, "best_by_variant": t.best_by_variant,
+            "variant_tie": len(t.best_by_variant) > 1 and len(bests) == 1,
+            "grid": [vars(p) for p in t.grid]}
+
+
+@dataclass(frozen=True)
+class SetChoice:
+    """Which expert set the library serves, and why (the report's `branch` section)."""
+
+    name: str  # plain or branched
+    info: dict[str, Any]  # requested, mode, sets, chosen, rule (and tuned_perplexity)
+
+
+def choose_set(cfg: BuildConfig, experts: ExpertSets,
+               tuning: dict[str, dict[str, Any]]) -> SetChoice:
+    """The set with the lower tuned perplexity on the tuning documents when both were
+    trained (a tie keeps plain: nothing beyond the base to ship and serve); else the one."""
+    names = list(experts.sets)
+    info: dict[str, Any] = {"requested": cfg.branch_from_multitask, "mode": cfg.branch_mode,
+                            "sets": names}
+    if len(names) == 1:
+        info.update(chosen=names[0], rule=f"--branch-from-multitask "
+                    f"{cfg.branch_from_multitask} resolved to {cfg.branch_mode!r}: one "
+                    "expert set trained")
+        return SetChoice(names[0], info)
+    ppl = {n: tuning[n]["perplexity"] for n in names}
+    chosen = BRANCHED if ppl[BRANCHED] < ppl[PLAIN] else PLAIN
+    info.update(chosen=chosen, tuned_perplexity=ppl,
+                rule="lower tuned TTMM perplexity on the tuning documents (a tie keeps plain)")
+    log.info("expert sets on the tuning documents: %s; serving %s", ppl, chosen)
+    return SetChoice(chosen, info)

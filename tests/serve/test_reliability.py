@@ -26,14 +26,6 @@ FUZZ_EXAMPLES = int(os.environ.get("TTMM_FUZZ_EXAMPLES", "600"))
 
 
 @pytest.fixture(scope="module")
-def client(target):
-    c = TTMMClient(target)
-    c.wait_ready(60)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def baseline(client):
     """A normal request's answer, to check the server still answers correctly after abuse."""
     return list(client.generate(PROMPT, max_tokens=6).token_ids)
@@ -231,7 +223,7 @@ def test_expert_corrupted_after_start_is_refused_never_served(loop, server, tiny
     """The disk path reads experts on demand, checksum-verified: a file changed after start
     is refused with an error that names the expert."""
     from ttmm_vllm.library import Library, LibraryError
-    from ttmm_vllm.serve.expert_cache import ExpertCache
+    from ttmm_vllm.library.expert_cache import ExpertCache
 
     lib_dir = tmp_path / "lib"
     shutil.copytree(tiny_library, lib_dir)
@@ -273,7 +265,7 @@ def test_tls_and_mutual_tls(loop, server, baseline, tmp_path):
     tls = _extra_server(loop, server, tls_cert=pki.server_cert, tls_key=pki.server_key)
     mtls = _extra_server(loop, server, tls_cert=pki.server_cert, tls_key=pki.server_key,
                          tls_client_ca=pki.ca_file,
-                         client_groups={"bob": ("nothing",)})
+                         client_groups={"alice": ("default",), "bob": ("nothing",)})
     try:
         with TTMMClient(f"localhost:{tls.port}", root_certificates=pki.ca_pem) as c:
             assert list(c.generate(PROMPT, max_tokens=6).token_ids) == baseline

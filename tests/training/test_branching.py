@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.reference import Reference
 from ttmm_vllm.cli import main
 from ttmm_vllm.library import ADAPTER_CONFIG, Library, LibraryError, model_fingerprint
+from ttmm_vllm.testing import Reference
 
 K = 4
 
@@ -32,13 +32,6 @@ def _args(corpus: Path, model: Path, out: Path, *extra: str) -> list[str]:
 # small grids: what is tested is the bookkeeping, not the optimum
 TUNE = ["--tune-docs", "6", "--test-docs", "8", "--betas", "0.05", "10", "--taus", "0",
         "--active-counts", "1", "3", "--variants", "paper"]
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory, corpus) -> Path:
-    path = tmp_path_factory.mktemp("branch-corpus") / "corpus.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in corpus))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,16 @@ from hypothesis import strategies as st
 
 from ttmm_vllm.library import ExpertWeights
 from ttmm_vllm.vllm_plugin.ops import (
+    SlotBatch,
     SlotGroup,
+    batched_lora_linear,
     expand_weights,
     group_rows_by_slot,
     grouped_lora_linear,
     grouped_lora_linear_ref,
     mix_lora_linear,
     mix_lora_linear_ref,
+    shared_a_lora_linear,
     stack_expert_factors,
 )
 from ttmm_vllm.vllm_plugin.protocol import (
@@ -114,6 +117,95 @@ def test_grouped_op_equals_reference(dtype, layer, mode, seed):
     assert_close(got, want, dtype)
     base = slots < 0
     assert torch.equal(got[base], y0[base])  # tokens without an adapter: untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layer", list(SLICES))
+@pytest.mark.parametrize("slot_order", [[0, 1, 2, 3, 4], [4, 0, 3, 1]])  # a view / a gather
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_op_equals_reference(dtype, layer, slot_order, seed):
+    gen = torch.Generator().manual_seed(seed)
+    out_slices, in_dim, num_slots, max_rank = SLICES[layer], 64, 6, 16
+    ranks = [1, 4, 8, 16, 3, 0]
+    a, b = _slot_buffers(gen, num_slots, max_rank, in_dim, out_slices, ranks, dtype)
+    # one token per slot, interleaved with base tokens (-1)
+    slots = torch.tensor([-1] + [s for s in slot_order for s in (s, -1)])
+    x = torch.randn(slots.numel(), in_dim, generator=gen).to(dtype)
+    y0 = torch.randn(slots.numel(), sum(out_slices) + 8, generator=gen).to(dtype)
+    rows = (slots >= 0).nonzero().flatten()
+    order = torch.argsort(slots[rows])
+    batch = SlotBatch(slots[rows][order], rows[order], max(ranks[s] for s in slot_order))
+    assert (batch.contiguous_slots is not None) == (slot_order == sorted(slot_order))
+    got, want = y0.clone(), y0.clone()
+    batched_lora_linear(got, x, a, b, batch, out_slices, scale=0.5, offset_start=4)
+    grouped_lora_linear_ref(want, x, a, b, slots, out_slices, scale=0.5, offset_start=4)
+    assert_close(got, want, dtype)
+    assert torch.equal(got[slots < 0], y0[slots < 0])
+
+
+@pytest.mark.parametrize("layer", list(SLICES))
+@pytest.mark.parametrize("slot_order", [[0, 1, 2, 3], [3, 0, 2]])
+def test_shared_a_op_equals_reference(layer, slot_order):
+    """Slots that all hold the library's A (merges of shared-A experts): the op reads A once
+    and must give what reading every slot's own copy gives."""
+    gen = torch.Generator().manual_seed(5)
+    out_slices, in_dim, num_slots, r = SLICES[layer], 64, 5, 8
+    shared = [torch.randn(r, in_dim, generator=gen) for _ in out_slices]
+    a, b = _slot_buffers(gen, num_slots, 16, in_dim, out_slices, [r] * num_slots,
+                         torch.float32)
+    for i, ai in enumerate(shared):
+        a[i][:, 0, :r] = ai  # every slot holds the same A
+    slots = torch.tensor([-1] + [s for s in slot_order for s in (s, -1)])
+    x = torch.randn(slots.numel(), in_dim, generator=gen)
+    y0 = torch.randn(slots.numel(), sum(out_slices), generator=gen)
+    rows = (slots >= 0).nonzero().flatten()
+    order = torch.argsort(slots[rows])
+    batch = SlotBatch(slots[rows][order], rows[order], r, "lib")
+    got, want = y0.clone(), y0.clone()
+    shared_a_lora_linear(got, x, torch.cat(shared), b, batch, out_slices, scale=0.5)
+    grouped_lora_linear_ref(want, x, a, b, slots, out_slices, scale=0.5)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_split_single_rows_batches_shared_a_slots_by_library():
+    from ttmm_vllm.vllm_plugin.punica import split_single_rows
+
+    groups = [SlotGroup(0, 4, slice(0, 1)), SlotGroup(1, 4, slice(1, 2)),
+              SlotGroup(2, 8, slice(2, 5)), SlotGroup(3, 4, slice(5, 6)),
+              SlotGroup(4, 2, slice(6, 7))]
+    rest, batches = split_single_rows(groups, {0: "L", 3: "L", 1: None, 4: "M"})
+    assert [g.slot for g in rest] == [1, 2]  # a lone ordinary single and a prefill segment
+    by = {b.shared_a: (b.slots.tolist(), b.rows.tolist(), b.rank) for b in batches}
+    assert by == {"L": ([0, 3], [0, 5], 4), "M": ([4], [6], 2)}
+
+
+def test_plugin_wrapper_batches_decode_slots_like_vllm_stock_wrapper():
+    """Decode: one token per request, each request its own adapter (the TTMM case)."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from ttmm_vllm.vllm_plugin.punica import TTMMPunicaWrapperCPU
+    from ttmm_vllm.vllm_plugin.state import PluginState
+
+    gen = torch.Generator().manual_seed(7)
+    out_slices, in_dim, max_loras, max_rank = SLICES["qkv"], 64, 6, 16
+    ranks = [2, 16, 5, 8, 1, 0]
+    slot_ids = [11, 12, 13, 14, 15, None]
+    a, b = _slot_buffers(gen, max_loras, max_rank, in_dim, out_slices, ranks, torch.float32)
+    slots = torch.tensor([3, 0, -1, 1, 4, 2])
+    x = torch.randn(slots.numel(), in_dim, generator=gen)
+    y0 = torch.randn(slots.numel(), sum(out_slices), generator=gen)
+    stock = PunicaWrapperCPU(256, 16, "cpu")
+    ours = TTMMPunicaWrapperCPU(256, 16, "cpu")
+    ours._state = PluginState()
+    for s, lid in enumerate(slot_ids[:-1]):
+        ours._state.note_ordinary(lid, ranks[s])
+    for w in (stock, ours):
+        w.update_metadata(_mapping(slots, slot_ids), slot_ids, max_loras + 1, 600)
+    assert len(ours._tokens.singles) == 1 and not ours._tokens.groups
+    want, got = y0.clone(), y0.clone()
+    stock.add_lora_linear(want, x, a, b, 1.0, out_slices)
+    ours.add_lora_linear(got, x, a, b, 1.0, out_slices)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
 def _mapping(slots, slot_ids):

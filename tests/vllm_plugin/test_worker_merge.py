@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -92,15 +93,31 @@ def prompt_ids(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def disk_adapters(tiny_library, tmp_path_factory):
-    """Each routing's exact rank-expanded merge, written as a PEFT folder (issue 4's baseline)."""
-    lib = Library.open(tiny_library)
+def shared_library(tmp_path_factory, tiny_model_dir):
+    """Four random rank-4 experts that share one A per module (LoraSpec.shared_a)."""
+    import numpy as np
+
+    from ttmm_vllm.testing import write_random_library
+
+    return write_random_library(tmp_path_factory.mktemp("shared-a"), tiny_model_dir,
+                                np.random.default_rng(3).normal(size=(4, 8)), rank=4,
+                                alpha=8.0, seed=3, a_scale=0.3, b_scale=0.3, shared_a=True)
+
+
+@pytest.fixture(scope="session")
+def disk_adapters(tiny_library, shared_library, tmp_path_factory):
+    """Each routing's exact merge, written as a PEFT folder (issue 4's baseline): rank-expanded
+    for the plain library, rank 4 for the shared-A one ("shared-<name>")."""
     root = tmp_path_factory.mktemp("merged")
     out = {}
-    for name, (ids, ws) in ROUTINGS.items():
-        merged = merge_experts([lib.read_expert(i) for i in ids], ws)
-        write_adapter(root / name, merged.modules, rank=merged.rank, alpha=merged.alpha)
-        out[name] = str(root / name)
+    for prefix, lib_dir, shared in (("", tiny_library, False), ("shared-", shared_library, True)):
+        lib = Library.open(lib_dir)
+        for name, (ids, ws) in ROUTINGS.items():
+            merged = merge_experts([lib.read_expert(i) for i in ids], ws, shared_a=shared)
+            assert merged.rank == (4 if shared else 4 * len(ids)) and merged.rel_error == 0
+            write_adapter(root / (prefix + name), merged.modules, rank=merged.rank,
+                          alpha=merged.alpha)
+            out[prefix + name] = str(root / (prefix + name))
     return out
 
 
@@ -110,8 +127,9 @@ def _disk(name, lora_id, path):
     return LoRARequest(f"disk-{name}", lora_id, path)
 
 
-def _jobs(prompt_ids, tiny_library, disk_adapters, kinds):
-    """Every prompt with every routing for each kind, plus every prompt with no adapter."""
+def _jobs(prompt_ids, tiny_library, disk_adapters, kinds, shared_library=None):
+    """Every prompt with every routing for each kind, plus every prompt with no adapter.
+    Kinds "shared-disk" / "shared-expand" serve the shared-A library."""
     jobs = {}
     for p, ids in enumerate(prompt_ids):
         jobs[("base", None, p)] = (ids, None)
@@ -124,11 +142,17 @@ def _jobs(prompt_ids, tiny_library, disk_adapters, kinds):
             if "mix" in kinds:  # strategy "" -> the worker's default, "mix"
                 jobs[("mix", name, p)] = (ids, routing_request(21 + j, str(tiny_library),
                                                                experts, ws))
+            if "shared-disk" in kinds:
+                jobs[("shared-disk", name, p)] = (ids, _disk(f"shared-{name}", 31 + j,
+                                                             disk_adapters[f"shared-{name}"]))
+            if "shared-expand" in kinds:
+                jobs[("shared-expand", name, p)] = (ids, routing_request(
+                    51 + j, str(shared_library), experts, ws, strategy="expand"))
     return jobs
 
 
 @pytest.fixture(scope="session")
-def stock_results(loop, tiny_model_dir, tiny_library, disk_adapters, prompt_ids):
+def stock_results(loop, tiny_model_dir, tiny_library, shared_library, disk_adapters, prompt_ids):
     """Plugin off (vLLM's stock CPU ops): disk adapters, in-worker expand, base; a "mix"
     adapter refused with a clear error. Runs, then shuts its engine down."""
     llm = loop.run(asyncio.to_thread(_start, tiny_model_dir, PluginConfig(enabled=False)))
@@ -139,6 +163,9 @@ def stock_results(loop, tiny_model_dir, tiny_library, disk_adapters, prompt_ids)
         results = loop.run(_run_batch(llm, jobs))
         jobs = _jobs(prompt_ids, tiny_library, disk_adapters, kinds=("expand",))
         results.update(loop.run(_run_batch(llm, jobs)))
+        for kind in ("shared-disk", "shared-expand"):  # the GPU path's code: stock ops
+            jobs = _jobs(prompt_ids, tiny_library, disk_adapters, (kind,), shared_library)
+            results.update(loop.run(_run_batch(llm, jobs)))
         mix = routing_request(99, str(tiny_library), [0], [1.0], strategy="mix")
         try:
             loop.run(llm.add_lora(mix))
@@ -161,11 +188,14 @@ def plugin_llm(loop, tiny_model_dir, tiny_library, stock_results):
 
 
 @pytest.fixture(scope="session")
-def plugin_results(loop, plugin_llm, tiny_library, disk_adapters, prompt_ids):
+def plugin_results(loop, plugin_llm, tiny_library, shared_library, disk_adapters, prompt_ids):
     base_alone = loop.run(_run_batch(plugin_llm, {p: (ids, None)
                                                   for p, ids in enumerate(prompt_ids)}))
     jobs = _jobs(prompt_ids, tiny_library, disk_adapters, kinds=("disk", "expand", "mix"))
-    return base_alone, loop.run(_run_batch(plugin_llm, jobs))
+    results = loop.run(_run_batch(plugin_llm, jobs))
+    jobs = _jobs(prompt_ids, tiny_library, disk_adapters, ("shared-expand",), shared_library)
+    results.update(loop.run(_run_batch(plugin_llm, jobs)))
+    return base_alone, results
 
 
 def _assert_same(got, want, what):
@@ -185,6 +215,23 @@ def test_four_paths_agree(plugin_results, stock_results):
             for kind in ("disk", "expand", "mix"):
                 _assert_same(got[(kind, name, p)], want, f"plugin {kind} {name} prompt {p}")
             _assert_same(stock[("expand", name, p)], want, f"stock expand {name} prompt {p}")
+
+
+def test_shared_a_merges_are_exact_at_rank_r_on_both_op_sets(loop, plugin_llm,
+                                                              plugin_results, stock_results):
+    """Shared-A experts: the in-worker merge is (sum_k w_k s_k B_k) A at the experts' rank,
+    served by the plugin's ops and by vLLM's stock ops (the GPU path's code) alike, equal to
+    the exact merge from disk."""
+    _, got = plugin_results
+    stock, _ = stock_results
+    for name in ROUTINGS:
+        for p in range(len(PROMPTS)):
+            want = stock[("shared-disk", name, p)]
+            _assert_same(stock[("shared-expand", name, p)], want, f"stock shared {name} {p}")
+            _assert_same(got[("shared-expand", name, p)], want, f"plugin shared {name} {p}")
+    for j in range(len(ROUTINGS)):
+        (built,) = loop.run(plugin_llm.collective_rpc("ttmm_adapter_info", args=(51 + j,)))
+        assert built["rank"] == 4 and built["rel_error"] == 0.0
 
 
 def test_adapters_change_outputs(plugin_results):
@@ -214,7 +261,7 @@ def test_mix_refused_without_plugin_ops(stock_results):
 def test_worker_holds_bank_and_routes(loop, plugin_llm, plugin_results, tiny_library):
     (info,) = loop.run(plugin_llm.collective_rpc("ttmm_info"))
     assert info["mix_ops_active"] and info["config"]["worker_merge"] == "mix"
-    (bank,) = info["banks"].values()
+    bank = info["banks"][str(Path(tiny_library).resolve())]
     assert bank["experts"] == [0, 1, 2, 3] and bank["layers"] == 8  # 2 layers x 4 LoRA layers
     assert info["routes"][21] == [[0, 2], [0.3, 0.7]]
     assert info["ranks"][1] == 8 and info["ranks"][12] == 12  # disk "a"; expand "b"

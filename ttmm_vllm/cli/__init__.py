@@ -18,6 +18,8 @@ COMMANDS = {
     "generate": "generate",
     "route": "route",
     "demo": "demo",
+    "library": "library",
+    "expert": "expert",
 }
 
 

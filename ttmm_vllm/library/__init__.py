@@ -4,6 +4,7 @@
     files.py       atomic writes, checksums, model fingerprints
     adapter_io.py  PEFT LoRA folders <-> plain tensors (safetensors only)
     store.py       open + validate a library, write one, live additions and removals
+    expert_cache.py  experts read on demand, kept in an LRU bounded by bytes
 
 Imports numpy, torch and safetensors only: nothing of routing, serving or vLLM.
 """

@@ -18,6 +18,7 @@ build); an `index.bin` written by older builds is ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,56 @@ class RouterDefaults:
     top_m: int = 0
     # Below this top similarity a prompt is flagged as out of reach (None: never).
     ood_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class LibraryLimits:
+    """What a library may hold, checked on open and on every add (a bad manifest entry or a
+    huge id is refused before anything serves it). Defaults in docs/security.md."""
+
+    # Expert ids lie in [0, max_expert_id): the centroid table has one row per id.
+    max_expert_id: int = 1_000_000
+    # vLLM's largest max_lora_rank.
+    max_rank: int = 512
+    # Titles travel in every routing of every response.
+    max_title_chars: int = 256
+    # Group names: letters, digits, '_', '-', '.', ':' (they name access groups in auth files).
+    max_group_chars: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_expert_id", "max_rank", "max_title_chars", "max_group_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+_GROUP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:")
+
+
+def check_expert_info(e: ExpertInfo, limits: LibraryLimits | None = None) -> None:
+    """Range-check one manifest entry; LibraryError names the expert, the field and the limit."""
+    lim = limits or LibraryLimits()
+
+    def bad(what: str) -> LibraryError:
+        return LibraryError(f"expert {e.id!r}: {what}")
+
+    if type(e.id) is not int or not 0 <= e.id < lim.max_expert_id:
+        raise bad(f"id must be an integer in [0, {lim.max_expert_id}), got {e.id!r}")
+    if type(e.size) is not int or e.size < 0:
+        raise bad(f"size must be an integer >= 0, got {e.size!r}")
+    if type(e.rank) is not int or not 1 <= e.rank <= lim.max_rank:
+        raise bad(f"rank must be an integer in [1, {lim.max_rank}], got {e.rank!r}")
+    if isinstance(e.alpha, bool) or not isinstance(e.alpha, int | float) \
+            or not math.isfinite(e.alpha) or e.alpha <= 0:
+        raise bad(f"alpha must be a finite number > 0, got {e.alpha!r}")
+    if not isinstance(e.title, str) or len(e.title) > lim.max_title_chars:
+        raise bad(f"title must be a string of at most {lim.max_title_chars} characters")
+    if not isinstance(e.group, str) or not 1 <= len(e.group) <= lim.max_group_chars \
+            or not set(e.group) <= _GROUP_CHARS:
+        raise bad(f"group must be 1..{lim.max_group_chars} letters, digits or '_-.:', "
+                  f"got {e.group!r}")
+    if not isinstance(e.file, str) or not isinstance(e.sha256, str) \
+            or not isinstance(e.deleted, bool):
+        raise bad("file and sha256 must be strings, deleted a boolean")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ The format itself is in `format.py`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,9 +33,15 @@ from ttmm_vllm.library.format import (
     PENDING_EXPERT,
     ExpertInfo,
     LibraryError,
+    LibraryLimits,
     Manifest,
+    check_expert_info,
     expert_dirname,
 )
+
+# safetensors dtypes an expert's A and B may have (float only: ints would be silently scaled)
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+_PEFT_PREFIX = "base_model.model."
 
 # --------------------------------------------------------------------------- the library
 
@@ -42,10 +49,13 @@ from ttmm_vllm.library.format import (
 class Library:
     """An opened, validated library. Cheap to open; expert tensors are read on demand."""
 
-    def __init__(self, root: Path, manifest: Manifest):
+    def __init__(self, root: Path, manifest: Manifest, limits: LibraryLimits | None = None):
         self.root = root
         self.manifest = manifest
+        self.limits = limits or LibraryLimits()
         self._centroids: np.ndarray | None = None
+        # module name -> (in, out) of the experts seen so far: every expert must agree
+        self._module_shapes: dict[str, tuple[int, int]] = {}
 
     # ---- opening and validation
 
@@ -58,11 +68,18 @@ class Library:
         base_model_dir: str | os.PathLike | None = None,
         embedder_dim: int | None = None,
         embedder_name: str | None = None,
+        limits: LibraryLimits | None = None,
+        allow_empty: bool = False,
     ) -> Library:
         """Open and validate. Every check failure raises LibraryError naming the culprit.
 
         base_model_dir: the folder the server will load; its fingerprint must match the
-        manifest's served model. embedder_*: what the server embeds queries with.
+        manifest's served model. embedder_*: what the server embeds queries with. limits: the
+        ranges every expert's id and metadata must lie in. Each expert's tensors are checked
+        from the safetensors header (shapes against the declared rank and the other experts,
+        float dtype); with verify_checksums also read in full (finite values).
+        allow_empty: accept a library with no expert yet (`ttmm library create` makes one;
+        importing adapters fills it). A server never opens one: there is nothing to route to.
         """
         root = Path(root).expanduser().resolve()
         mpath = root / MANIFEST
@@ -74,8 +91,8 @@ class Library:
             raw = json.loads(mpath.read_text())
         except ValueError as e:
             raise LibraryError(f"{mpath} is not valid JSON: {e}") from e
-        lib = cls(root, Manifest.from_json(raw))
-        lib.validate(verify_checksums=verify_checksums)
+        lib = cls(root, Manifest.from_json(raw), limits)
+        lib.validate(verify_checksums=verify_checksums, allow_empty=allow_empty)
         if base_model_dir is not None:
             lib.check_base_model(base_model_dir)
         if embedder_dim is not None and embedder_dim != lib.manifest.embedder.dim:
@@ -89,13 +106,16 @@ class Library:
             )
         return lib
 
-    def validate(self, verify_checksums: bool = True) -> None:
+    def validate(self, verify_checksums: bool = True, allow_empty: bool = False) -> None:
         m = self.manifest
         ids = [e.id for e in m.experts]
         if len(set(ids)) != len(ids):
             raise LibraryError("manifest lists an expert id twice")
-        if not m.active_experts:
-            raise LibraryError("library has no experts")
+        if not m.active_experts and not allow_empty:
+            raise LibraryError(f"library {self.root.name} has no experts: nothing to route to "
+                               "(add adapters with `ttmm library import LIB ADAPTER`)")
+        for e in m.experts:  # ids first: a huge id is refused before any table is sized by it
+            check_expert_info(e, self.limits)
         cpath = self.root / CENTROIDS
         if not cpath.exists():
             raise LibraryError(f"missing {CENTROIDS}")
@@ -104,7 +124,7 @@ class Library:
             raise LibraryError(
                 f"{CENTROIDS} has shape {cent.shape}, expected (K, {m.embedder.dim})"
             )
-        if cent.shape[0] <= max(ids):
+        if ids and cent.shape[0] <= max(ids):
             raise LibraryError(f"{CENTROIDS} has {cent.shape[0]} rows; expert id {max(ids)} "
                                "has no centroid")
         if not np.all(np.isfinite(cent)):
@@ -117,17 +137,68 @@ class Library:
                 raise LibraryError(f"folded base checkpoint {base_dir} is missing")
 
     def check_expert(self, e: ExpertInfo, verify_checksum: bool = True) -> None:
+        """An expert's files: present, its tensors' shapes and dtypes (from the header), and
+        with `verify_checksum` its checksum and finite values (one read of the file).
+        Messages name files relative to the library, never by absolute path."""
         d = self.resolve(e.file)
         w = d / ADAPTER_WEIGHTS
         if not (d / ADAPTER_CONFIG).exists() or not w.exists():
-            raise LibraryError(f"expert {e.id} ({e.title!r}): adapter files missing in {d}")
+            raise LibraryError(f"expert {e.id} ({e.title!r}): adapter files missing in {e.file}")
+        self.check_expert_tensors(e.id, d, e.rank, finite=False)
         if verify_checksum:
-            got = sha256_file(w)
+            data = w.read_bytes()
+            got = hashlib.sha256(data).hexdigest()
             if got != e.sha256:
                 raise LibraryError(
-                    f"expert {e.id} ({e.title!r}): checksum mismatch for {w} "
-                    f"(manifest {e.sha256[:12]}..., file {got[:12]}...): corrupted or replaced"
+                    f"expert {e.id} ({e.title!r}): checksum mismatch for "
+                    f"{e.file}/{ADAPTER_WEIGHTS} (manifest {e.sha256[:12]}..., "
+                    f"file {got[:12]}...): corrupted or replaced"
                 )
+            _check_finite(e.id, data)
+
+    def check_expert_tensors(self, expert_id: int, adapter_dir: Path, rank: int, *,
+                             finite: bool = True, max_rank: int | None = None) -> None:
+        """An expert's A (r, in) and B (out, r) per module: r the declared rank (<= max_rank,
+        the engine's max_lora_rank when known), float dtypes, the same (in, out) per module as
+        the library's other experts, and (finite) no NaN or infinite value."""
+        if max_rank is not None and rank > max_rank:
+            raise LibraryError(f"expert {expert_id}: rank {rank} exceeds the engine's "
+                               f"max_lora_rank {max_rank}")
+        header = _safetensors_header(adapter_dir / ADAPTER_WEIGHTS, expert_id)
+        pairs: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+        for key, (dtype, shape) in header.items():
+            name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+            if ".lora_A." in name:
+                pairs.setdefault(name.split(".lora_A.")[0], {})["A"] = (dtype, shape)
+            elif ".lora_B." in name:
+                pairs.setdefault(name.split(".lora_B.")[0], {})["B"] = (dtype, shape)
+            else:
+                raise LibraryError(f"expert {expert_id}: unexpected tensor {key!r} "
+                                   "(LoRA A/B only)")
+        if not pairs:
+            raise LibraryError(f"expert {expert_id}: no LoRA tensors")
+        shapes = {}
+        for mod, ab in sorted(pairs.items()):
+            if set(ab) != {"A", "B"}:
+                raise LibraryError(f"expert {expert_id}: module {mod} lacks lora_A or lora_B")
+            (da, sa), (db, sb) = ab["A"], ab["B"]
+            if da not in _FLOAT_DTYPES or db not in _FLOAT_DTYPES:
+                raise LibraryError(f"expert {expert_id}: module {mod} has dtype {da}/{db}; "
+                                   f"expected one of {sorted(_FLOAT_DTYPES)}")
+            if len(sa) != 2 or len(sb) != 2 or sa[0] != rank or sb[1] != rank:
+                raise LibraryError(f"expert {expert_id}: module {mod} has A {list(sa)} and "
+                                   f"B {list(sb)}; expected A [{rank}, in] and B [out, {rank}] "
+                                   f"(declared rank {rank})")
+            shapes[mod] = (sa[1], sb[0])
+            want = self._module_shapes.get(mod)
+            if want is not None and want != shapes[mod]:
+                raise LibraryError(f"expert {expert_id}: module {mod} maps {shapes[mod][0]} -> "
+                                   f"{shapes[mod][1]}; the library's experts map {want[0]} -> "
+                                   f"{want[1]}")
+        for mod, shape in shapes.items():
+            self._module_shapes.setdefault(mod, shape)
+        if finite:
+            _check_finite(expert_id, (adapter_dir / ADAPTER_WEIGHTS).read_bytes())
 
     def check_base_model(self, model_dir: str | os.PathLike) -> None:
         want = self.manifest.served_model
@@ -174,7 +245,11 @@ class Library:
             raise LibraryError(f"expert {expert_id} is deleted")
         if verify_checksum:
             self.check_expert(e, verify_checksum=True)
-        return read_adapter(self.resolve(e.file), expert_id)
+        try:
+            return read_adapter(self.resolve(e.file), expert_id)
+        except LibraryError as err:  # name files relative to the library, never absolutely
+            raise LibraryError(str(err).replace(f"{self.root}/", "").replace(
+                str(self.root), "<library>")) from None
 
     def titles(self) -> dict[int, str]:
         return {e.id: e.title for e in self.manifest.experts}
@@ -187,14 +262,20 @@ class Library:
 
     # ---- live changes (admin RPCs): files first, the manifest last, each write atomic
 
-    def pending_expert(self, expert_id: int) -> tuple[ExpertInfo, np.ndarray]:
+    def pending_expert(self, expert_id: int, max_rank: int | None = None
+                       ) -> tuple[ExpertInfo, np.ndarray]:
         """An expert placed in the library directory but not (or no longer) served.
 
         Its folder `experts/NNNN/` holds the PEFT adapter and `ttmm-expert.json`
         ({"title", "size", "group", "centroid": [...], optional "sha256"}): what the manifest
-        and the index need. Validated like every expert: safetensors only, checksum,
-        dimensions, a unit-norm centroid.
+        and the index need. Validated like every expert, before anything serves it: the id and
+        metadata in range (`limits`), safetensors only, checksum, tensor shapes against the
+        declared rank and the library's other experts, rank <= `max_rank` (the engine's
+        max_lora_rank), float dtypes, finite values, a unit-norm centroid.
         """
+        if type(expert_id) is not int or not 0 <= expert_id < self.limits.max_expert_id:
+            raise LibraryError(f"expert id must be in [0, {self.limits.max_expert_id}), "
+                               f"got {expert_id}")
         active = {e.id for e in self.manifest.active_experts}
         if expert_id in active:
             raise LibraryError(f"expert {expert_id} is already served")
@@ -205,6 +286,8 @@ class Library:
             raise LibraryError(f"expert {expert_id}: no {rel}/{PENDING_EXPERT} in the library")
         try:
             meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise TypeError("not a JSON object")
             centroid = np.asarray(meta["centroid"], dtype=np.float32)
         except (ValueError, KeyError, TypeError) as e:
             raise LibraryError(f"expert {expert_id}: malformed {PENDING_EXPERT}: {e}") from e
@@ -219,20 +302,44 @@ class Library:
                                "(only safetensors are read)")
         sha = sha256_file(weights)
         if meta.get("sha256") and meta["sha256"] != sha:
-            raise LibraryError(f"expert {expert_id}: checksum mismatch for {weights}: "
-                               "corrupted or replaced")
-        w = read_adapter(d, expert_id)
-        targets = {m.rsplit(".", 1)[-1] for m in w.modules}
+            raise LibraryError(f"expert {expert_id}: checksum mismatch for "
+                               f"{rel}/{ADAPTER_WEIGHTS}: corrupted or replaced")
+        try:
+            cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+            rank, alpha = cfg["r"], cfg["lora_alpha"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LibraryError(f"expert {expert_id}: malformed {rel}/{ADAPTER_CONFIG}: "
+                               f"{type(e).__name__} {e}") from None
+        size = meta.get("size", 0)
+        info = ExpertInfo(id=expert_id, title=meta.get("title", f"expert {expert_id}"),
+                          size=size, file=rel, sha256=sha, rank=rank,
+                          alpha=float(alpha) if isinstance(alpha, int | float) else alpha,
+                          group=meta.get("group", "default"))
+        check_expert_info(info, self.limits)
+        self._ensure_module_shapes()
+        self.check_expert_tensors(expert_id, d, rank, finite=True, max_rank=max_rank)
+        targets = {m.rsplit(".", 1)[-1] for m in _module_names(d / ADAPTER_WEIGHTS, expert_id)}
         unknown = targets - set(self.manifest.lora.target_modules)
         if unknown:
             raise LibraryError(f"expert {expert_id}: adapts {sorted(unknown)}, which this "
                                "library's experts do not")
-        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
-        info = ExpertInfo(id=expert_id, title=str(meta.get("title", f"expert {expert_id}")),
-                          size=int(meta.get("size", 0)), file=rel, sha256=sha, rank=w.rank,
-                          alpha=float(cfg["lora_alpha"]), group=str(meta.get("group",
-                                                                               "default")))
         return info, centroid
+
+    def _ensure_module_shapes(self) -> None:
+        """Learn the module shapes from a served expert if none was checked yet (a library
+        opened without validation)."""
+        if not self._module_shapes and self.manifest.active_experts:
+            e = self.manifest.active_experts[0]
+            self.check_expert_tensors(e.id, self.resolve(e.file), e.rank, finite=False)
+
+    def snapshot(self) -> tuple[Manifest, np.ndarray]:
+        """The manifest and centroid table as they are: what `restore` puts back."""
+        return self.manifest, self.centroids
+
+    def restore(self, snapshot: tuple[Manifest, np.ndarray]) -> None:
+        """Undo live changes made since `snapshot` (both files rewritten atomically)."""
+        manifest, centroids = snapshot
+        self._commit(centroids, manifest)
 
     def commit_added(self, info: ExpertInfo, centroid: np.ndarray) -> None:
         """Record an added expert: its centroid row, then the manifest."""
@@ -259,6 +366,39 @@ class Library:
         atomic_save_npy(self.root / CENTROIDS, centroids)
         self._centroids = centroids
         self.write_manifest(manifest)
+
+
+def _safetensors_header(path: Path, expert_id: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """tensor name -> (dtype, shape), from the file's header only (no tensor data read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                    for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    except Exception as e:  # noqa: BLE001 - any unreadable header is a bad expert
+        raise LibraryError(f"expert {expert_id}: {ADAPTER_WEIGHTS} is not a readable "
+                           f"safetensors file ({type(e).__name__})") from None
+
+
+def _module_names(path: Path, expert_id: int) -> set[str]:
+    return {k.split(".lora_")[0] for k in _safetensors_header(path, expert_id)}
+
+
+def _check_finite(expert_id: int, data: bytes) -> None:
+    """Every tensor of an expert's safetensors bytes is finite: one Inf in one expert would
+    turn every merge that includes it (0 x Inf in a mix) into NaN for other clients too."""
+    import torch
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except Exception as e:  # noqa: BLE001
+        raise LibraryError(f"expert {expert_id}: {ADAPTER_WEIGHTS} is not a readable "
+                           f"safetensors file ({type(e).__name__})") from None
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LibraryError(f"expert {expert_id}: tensor {key!r} has NaN or infinite values")
 
 
 def write_library(

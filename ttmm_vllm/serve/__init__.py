@@ -2,10 +2,13 @@
 
     grpc_server.py   the gRPC front door: messages <-> domain objects, admission, auth, TLS,
                      health, reflection, metrics endpoint, graceful drain
+    http_server.py   the OpenAI-compatible HTTP door (FastAPI + uvicorn) on the same service
+    access.py        what both doors share: bearer tokens -> Client, admission (in-flight bound)
+    chat.py          chat messages -> the base model's chat template; the text routing embeds
     service.py       validate -> route (embed, index, weights) -> engine; transport-free
     engine_api.py    what crosses the engine boundary: EngineConfig, Sampling, Step, EngineLike
     engine.py        EngineLike over vLLM's AsyncLLM, one merged adapter per distinct routing
-    adapter_registry.py, expert_cache.py   the engine's adapters and expert tensors
+    adapter_registry.py   the engine's merged adapters (one per distinct routing)
     errors.py        every error a request can end in, and the one map to status codes
     metrics.py       Prometheus metrics and per-request stage timings
     ray_serve.py, ray_grpc.py   the same service as Ray Serve deployments

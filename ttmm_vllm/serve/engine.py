@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -25,13 +26,14 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from ttmm_vllm.library import Library
+from ttmm_vllm.library.expert_cache import ExpertCache
 from ttmm_vllm.merge import merge_experts
 from ttmm_vllm.routing.router import Routing
 from ttmm_vllm.serve.adapter_registry import Adapter, AdapterRegistry
-from ttmm_vllm.serve.engine_api import EngineConfig, Sampling, Step, allowed_rank
+from ttmm_vllm.serve.engine_api import EngineConfig, Sampling, Step
 from ttmm_vllm.serve.errors import EngineError, RequestRejected
-from ttmm_vllm.serve.expert_cache import ExpertCache
 from ttmm_vllm.serve.metrics import Timings
+from ttmm_vllm.serve.serving_path import ServingPath, allowed_rank, choose
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,11 @@ class Engine:
                                         idle_capacity=config.idle_adapters)
         lib_rank = max((e.rank for e in library.manifest.active_experts), default=1)
         max_active = library.manifest.router.max_active
-        self.rank_budget = config.rank_budget or min(512, lib_rank * max_active)
+        self.shared_a = library.manifest.lora.shared_a
+        # disk path: exact rank-expanded merges unless a budget is set (shared A: rank r)
+        self.rank_budget = config.rank_budget or (
+            lib_rank if self.shared_a else min(512, lib_rank * max_active))
+        self.path: ServingPath | None = None  # chosen at start (needs the platform)
         self._scratch = Path(tempfile.mkdtemp(prefix="ttmm-adapters-",
                                               dir=config.scratch_dir or _ram_dir()))
         self.llm = None
@@ -65,17 +71,36 @@ class Engine:
         model_dir = Path(model_dir) if model_dir else library.served_model_dir()
         library.check_base_model(model_dir)
         self = cls(library, config, model_dir)
+        self.path = self.choose_path(on_cpu=await asyncio.to_thread(_on_cpu))
+        log.info("ttmm serving path: merge_path=%s worker_merge=%s max_lora_rank=%d dtype=%s "
+                 "(%s)", config.merge_path, self.path.worker_merge, self.path.max_lora_rank,
+                 self.path.dtype, self.path.why)
         await asyncio.to_thread(self._start_vllm)
         return self
 
+    def choose_path(self, on_cpu: bool) -> ServingPath:
+        """The serving path for this library and platform (serve/serving_path.py); a
+        combination the platform cannot run raises EngineError before vLLM starts."""
+        c, m = self.config, self.library.manifest
+        rank = max((e.rank for e in m.active_experts), default=1)
+        try:
+            path = choose(requested=c.worker_merge, shared_a=self.shared_a,
+                          num_experts=len(m.active_experts), expert_rank=rank,
+                          concurrency=c.max_num_seqs, rank_budget=c.rank_budget,
+                          on_cpu=on_cpu, dtype=c.dtype, plugin_ops=c.plugin_ops)
+        except ValueError as e:
+            raise EngineError(f"cannot serve this library this way: {e}") from e
+        if c.merge_path == "disk":
+            path = dataclasses.replace(path, max_lora_rank=allowed_rank(self.rank_budget))
+        return path
+
     def _engine_kwargs(self) -> dict:
         c = self.config
-        lib_rank = max((e.rank for e in self.library.manifest.active_experts), default=1)
         targets = list(self.library.manifest.lora.target_modules)
         kw = dict(
             model=str(self.model_dir),
             tokenizer=str(self.model_dir),
-            dtype=c.dtype,
+            dtype=self.path.dtype,
             enforce_eager=c.enforce_eager,
             max_model_len=c.max_model_len,
             max_num_seqs=c.max_num_seqs,
@@ -92,10 +117,7 @@ class Engine:
         )
         if c.max_num_batched_tokens:
             kw["max_num_batched_tokens"] = c.max_num_batched_tokens
-        if c.merge_path == "disk":
-            kw["max_lora_rank"] = allowed_rank(self.rank_budget)
-        else:
-            kw["max_lora_rank"] = allowed_rank(lib_rank)
+        kw["max_lora_rank"] = self.path.max_lora_rank
         plugin_kw = self._plugin_kwargs(kw)
         kw.update(plugin_kw)
         return kw
@@ -110,8 +132,8 @@ class Engine:
                 raise EngineError("merge_path='worker' needs the ttmm vLLM plugin") from None
             return {}
         pc = plugin_config.PluginConfig(
-            enabled=c.plugin_ops,
-            worker_merge=c.worker_merge if c.merge_path == "worker" else "off",
+            enabled=self.path.plugin_ops,
+            worker_merge=self.path.worker_merge if c.merge_path == "worker" else "off",
             library=str(self.library.root) if c.merge_path == "worker" else None,
         )
         self._plugin = plugin_config
@@ -140,12 +162,35 @@ class Engine:
         return self.llm is not None and not self.llm.errored
 
     async def check_health(self) -> None:
-        if self.llm is None:
-            raise EngineError("engine is shut down")
+        """EngineError unless vLLM is alive and its engine core answers: a round trip through
+        the engine core's loop (answered between steps), so a caller's timeout catches a hung
+        engine, not only a dead one."""
+        self._check_alive()
         try:
             await self.llm.check_health()
+            await self.llm.is_sleeping()
         except Exception as e:
-            raise EngineError(f"vLLM engine is not healthy: {e}") from e
+            raise EngineError(f"vLLM engine is not healthy ({type(e).__name__})") from e
+
+    @property
+    def max_expert_rank(self) -> int | None:
+        """The largest expert rank this engine can take on (vLLM's max_lora_rank)."""
+        return self.path.max_lora_rank if self.path is not None else None
+
+    def _check_alive(self) -> None:
+        if self.llm is None:
+            raise EngineError("engine is shut down")
+        if self.llm.errored:
+            raise EngineError("vLLM engine is dead; retry on another server")
+
+    def _engine_error(self, e: BaseException) -> BaseException:
+        """vLLM's engine-death errors (and any error once the engine has errored) as
+        EngineError (UNAVAILABLE); anything else as it is."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(e, EngineDeadError) or (self.llm is not None and self.llm.errored):
+            return EngineError("vLLM engine is dead; retry on another server")
+        return e
 
     @property
     def scratch_dir(self) -> Path:
@@ -159,10 +204,17 @@ class Engine:
         if self.config.merge_path == "worker":
             req = self._plugin.routing_request(lora_id, str(self.library.root), ids, weights)
             t0 = time.perf_counter()
-            await self.llm.add_lora(req)
-            return req, {"merge_ms": 0.0, "register_ms": _ms(t0),
-                         "rank": sum(self.library.manifest.expert(i).rank for i in ids),
-                         "rel_error": 0.0}
+            await self.llm.add_lora(req)  # the worker builds it now (expand: the merge)
+            info = {"merge_ms": 0.0, "register_ms": _ms(t0),
+                    "rank": sum(self.library.manifest.expert(i).rank for i in ids),
+                    "rel_error": 0.0}
+            if self.path.worker_merge == "expand":  # what the worker actually built
+                built = await self.llm.collective_rpc("ttmm_adapter_info", args=(lora_id,))
+                if built and built[0]:
+                    info.update(rank=int(built[0]["rank"]),
+                                rel_error=float(built[0]["rel_error"]),
+                                merge_ms=float(built[0]["merge_ms"]))
+            return req, info
         from vllm.lora.request import LoRARequest
 
         t0 = time.perf_counter()
@@ -181,7 +233,8 @@ class Engine:
     def _merge_to_disk(self, ids: Sequence[int], weights: Sequence[float], path: Path):
         from ttmm_vllm.library import write_adapter
 
-        merged = merge_experts(self.experts.get_many(ids), weights, self.rank_budget)
+        merged = merge_experts(self.experts.get_many(ids), weights, self.rank_budget,
+                               shared_a=self.shared_a)
         write_adapter(path, merged.modules, rank=merged.rank, alpha=merged.alpha,
                       base_model_name=str(self.model_dir),
                       target_modules=self.library.manifest.lora.target_modules)
@@ -202,7 +255,14 @@ class Engine:
             return None
         t0 = time.perf_counter()
         created_before = self.registry.created
-        adapter = await self.registry.acquire(routing.key())
+        self._check_alive()
+        try:
+            adapter = await self.registry.acquire(routing.key())
+        except Exception as e:
+            err = self._engine_error(e)
+            if err is e:
+                raise
+            raise err from e
         waited = _ms(t0)
         if self.registry.created > created_before and adapter.info.get("merge_ms") is not None:
             timings.merge_ms = adapter.info["merge_ms"]
@@ -216,19 +276,33 @@ class Engine:
     async def add_expert(self, expert_id: int) -> None:
         """Make a newly added library expert servable (the library manifest already lists it
         in memory; the worker path loads its tensors into the worker's bank)."""
+        self._check_alive()
         if self.config.merge_path == "worker":
-            await self.llm.collective_rpc(
-                "ttmm_add_expert", args=(str(self.library.root), expert_id))
+            try:
+                await self.llm.collective_rpc(
+                    "ttmm_add_expert", args=(str(self.library.root), expert_id))
+            except Exception as e:
+                err = self._engine_error(e)
+                if err is e:
+                    raise
+                raise err from e
 
     async def remove_expert(self, expert_id: int) -> None:
         """Forget a removed expert: cached tensors, idle adapters that merge it, and (worker
         path) its resident tensors once no adapter in use needs them. Requests in flight keep
         the adapters they hold."""
+        self._check_alive()
         self.experts.drop(expert_id)
         await self.registry.retire_idle(lambda key: any(i == expert_id for i, _ in key))
         if self.config.merge_path == "worker":
-            await self.llm.collective_rpc(
-                "ttmm_remove_expert", args=(str(self.library.root), expert_id))
+            try:
+                await self.llm.collective_rpc(
+                    "ttmm_remove_expert", args=(str(self.library.root), expert_id))
+            except Exception as e:
+                err = self._engine_error(e)
+                if err is e:
+                    raise
+                raise err from e
 
     # ------------------------------------------------------------------ requests
 
@@ -330,14 +404,18 @@ class Engine:
         """vLLM's output stream, its client errors turned into RequestRejected."""
         from vllm.exceptions import VLLMClientError
 
-        if self.llm is None:
-            raise EngineError("engine is shut down")
+        self._check_alive()
         try:
             async for out in self.llm.generate({"prompt_token_ids": ids}, params, request_id,
                                                lora_request=adapter.handle if adapter else None):
                 yield out
         except VLLMClientError as e:
             raise RequestRejected(str(e)) from e
+        except Exception as e:  # a dead engine: UNAVAILABLE, not INTERNAL
+            err = self._engine_error(e)
+            if err is e:
+                raise
+            raise err from e
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None:
@@ -354,6 +432,14 @@ class Engine:
         stats["scratch_files"] = sum(1 for _ in self._scratch.iterdir()) \
             if self._scratch.exists() else 0
         return stats
+
+
+def _on_cpu() -> bool:
+    """Is vLLM's platform here the CPU? (Its import is what decides; it is slow, so off the
+    event loop.)"""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
 
 
 def _ms(t0: float) -> float:

@@ -14,17 +14,6 @@ from typing import Any, Protocol
 from ttmm_vllm.routing.router import Routing
 from ttmm_vllm.serve.metrics import Timings
 
-# vLLM accepts only these max_lora_rank values.
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def allowed_rank(rank: int) -> int:
-    """The smallest max_lora_rank vLLM accepts that holds `rank` (capped at 512)."""
-    for r in LORA_RANKS:
-        if r >= rank:
-            return r
-    return LORA_RANKS[-1]
-
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -37,16 +26,20 @@ class EngineConfig:
     idle_adapters: int = 32
     # "worker": merge inside vLLM's worker (ttmm plugin); "disk": rank-expanded PEFT folder.
     merge_path: str = "worker"
-    # In-worker strategy: "mix" (resident experts, per-token weights) or "expand".
-    worker_merge: str = "mix"
+    # In-worker strategy: "auto" (the cost model of serve/serving_path.py picks), "mix"
+    # (resident experts, per-token weights; CPU only) or "expand" (one merged adapter per
+    # request in vLLM's slots, at rank_budget; exact for shared-A libraries).
+    worker_merge: str = "auto"
     # The plugin's CPU LoRA ops (False: vLLM's stock ops).
     plugin_ops: bool = True
-    # Largest merged rank (disk path): above it the merge is compressed by SVD. None: the
-    # library's rank x max_active, capped at vLLM's 512.
+    # Rank of a per-request merged adapter: above it the merge is compressed to it (the
+    # optimal rank-b approximation; its error is reported per request). None: worker
+    # "expand" uses the experts' rank; the disk path the exact rank (r x max_active, <= 512).
     rank_budget: int | None = None
     expert_cache_bytes: int = 2 << 30
     kv_cache_bytes: int = 1 << 30
-    dtype: str = "float32"
+    # "auto": float32 on the CPU (no native bf16 there), bfloat16 on GPUs.
+    dtype: str = "auto"
     enforce_eager: bool = True
     scratch_dir: str | None = None
     seed: int = 0
@@ -55,8 +48,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.merge_path not in ("worker", "disk"):
             raise ValueError(f"merge_path must be 'worker' or 'disk', got {self.merge_path!r}")
-        if self.worker_merge not in ("mix", "expand"):
-            raise ValueError(f"worker_merge must be 'mix' or 'expand', got {self.worker_merge!r}")
+        if self.worker_merge not in ("auto", "mix", "expand"):
+            raise ValueError("worker_merge must be 'auto', 'mix' or 'expand', got "
+                             f"{self.worker_merge!r}")
         if self.rank_budget is not None and not 1 <= self.rank_budget <= 512:
             raise ValueError(f"rank_budget must be in [1, 512], got {self.rank_budget}")
         for name in ("max_model_len", "max_num_seqs", "max_loras"):

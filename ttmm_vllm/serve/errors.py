@@ -8,6 +8,7 @@ it names the field or the limit, never a stack trace.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ttmm_vllm.library import LibraryError
@@ -41,6 +42,12 @@ class NotFound(ServiceError):
     code = "NOT_FOUND"
 
 
+class AlreadyExists(ServiceError):
+    """An admin change that is already in place (e.g. AddExpert of a served expert)."""
+
+    code = "ALREADY_EXISTS"
+
+
 class ResourceExhausted(ServiceError):
     """Admission control said no: retry later."""
 
@@ -72,7 +79,8 @@ class AdapterBuildError(RuntimeError):
 # gRPC status code name -> HTTP status, for the HTTP front door.
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
+    "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
     "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "INTERNAL": 500, "CANCELLED": 499,
     "DEADLINE_EXCEEDED": 504,
 }
@@ -95,13 +103,26 @@ class Status:
 
 
 def status_of(e: BaseException) -> Status:
-    """The status a request that raised `e` ends with (anything unknown is INTERNAL)."""
+    """The status a request that raised `e` ends with (anything unknown is INTERNAL).
+
+    Messages never carry an absolute filesystem path (`safe_message`)."""
     if isinstance(e, ServiceError):
-        return Status(e.code, str(e))
+        return Status(e.code, safe_message(str(e)))
     if isinstance(e, RequestRejected):
-        return Status("INVALID_ARGUMENT", str(e))
+        return Status("INVALID_ARGUMENT", safe_message(str(e)))
     if isinstance(e, EngineError):
-        return Status("UNAVAILABLE", str(e))
+        return Status("UNAVAILABLE", safe_message(str(e)))
     if isinstance(e, LibraryError | AdapterBuildError):
-        return Status("FAILED_PRECONDITION", str(e))
+        return Status("FAILED_PRECONDITION", safe_message(str(e)))
     return Status("INTERNAL", f"internal error ({type(e).__name__})")
+
+
+# An absolute POSIX path of two or more parts, at the start or after a space, quote, '(' or
+# '=' (a library names its files relative to itself; anything else is the server's business).
+_ABSOLUTE_PATH = re.compile(r"(?:(?<=^)|(?<=[\s'\"(=:]))/[^\s'\"/)]+(?:/[^\s'\")]*)+")
+
+
+def safe_message(message: str) -> str:
+    """`message` with every absolute path replaced by its last part ("<path>/name")."""
+    return _ABSOLUTE_PATH.sub(lambda m: "<path>/" + m.group(0).rstrip("/").rsplit("/", 1)[-1],
+                              message)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import logging
 import math
 import time
@@ -25,13 +24,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ttmm_vllm.routing.router import Mode, Routing
+from ttmm_vllm.serve.access import Access, Admission  # noqa: F401 - Admission: re-exported
+from ttmm_vllm.serve.chat import ChatMessage
 from ttmm_vllm.serve.engine_api import Sampling
 from ttmm_vllm.serve.errors import (
     InvalidArgument,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
     Unimplemented,
     status_of,
 )
@@ -70,6 +67,52 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: clients must present a certificate it signed
     engine_watch_s: float = 1.0
+    # The most requests one authenticated client (token identity or certificate subject) may
+    # have admitted at once. None: half of max_inflight.
+    max_inflight_per_client: int | None = None
+    # Transport: ping idle connections every keepalive_time_s and close those that do not
+    # answer within keepalive_timeout_s (a vanished client's requests are cancelled); close
+    # every connection after max_connection_age_s (+ grace for its requests to finish), so a
+    # stream nobody reads cannot hold its admission slot for ever. None: no age limit.
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_connection_age_s: float | None = 3600.0
+    max_connection_age_grace_s: float = 300.0
+    # Health: every health_probe_s, a round trip to the engine core must answer within
+    # health_timeout_s, else health says NOT_SERVING (until it answers again). 0: no probe.
+    health_probe_s: float = 5.0
+    health_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        """Refuse a configuration that would not do what it says, with a one-line message."""
+        from ttmm_vllm.serve.access import check_auth
+
+        check_auth(self.tokens, self.admin_tokens, self.client_groups)
+        # normalised (lists from a JSON file become the types above)
+        object.__setattr__(self, "tokens", dict(self.tokens))
+        object.__setattr__(self, "admin_tokens", frozenset(self.admin_tokens))
+        object.__setattr__(self, "client_groups",
+                           {k: tuple(v) for k, v in self.client_groups.items()})
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and "
+                             "--tls-key); only one was given")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: "
+                             "without them the server would listen in plaintext")
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_inflight_per_client is not None and self.max_inflight_per_client < 1:
+            raise ValueError(f"max_inflight_per_client must be >= 1, got "
+                             f"{self.max_inflight_per_client}")
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "max_connection_age_grace_s",
+                     "health_timeout_s", "engine_watch_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
+            raise ValueError(f"max_connection_age_s must be > 0 or None, got "
+                             f"{self.max_connection_age_s}")
+        if self.health_probe_s < 0:
+            raise ValueError(f"health_probe_s must be >= 0, got {self.health_probe_s}")
 
 
 class _Bad:
@@ -91,34 +134,6 @@ def _safe_parser(cls, max_bytes: int) -> Callable[[bytes], object]:
     return parse
 
 
-class Admission:
-    """A bounded count of admitted requests: full answers at once, never queues without end."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.count = 0
-        self.closed = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> None:
-        if self.closed:
-            raise Unavailable("server is shutting down")
-        if self.count >= self.limit:
-            raise ResourceExhausted(
-                f"server is at capacity ({self.limit} requests in flight); retry later")
-        self.count += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def drained(self) -> None:
-        await self._idle.wait()
-
-
 def grpc_status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status of a request that raised `e` (errors.status_of, in gRPC's terms)."""
     st = status_of(e)
@@ -131,41 +146,21 @@ class TTMMServicer:
     def __init__(self, service: TTMMService, config: ServerConfig):
         self.service = service
         self.config = config
-        self.admission = Admission(config.max_inflight)
+        # Auth and admission, shared with an HTTP door on the same server (launch.start)
+        self.access = Access.from_config(service, config)
+        self.admission = self.access.admission
         self.metrics = service.metrics
-        groups_of = {e.id: e.group for e in service.library.manifest.experts}
-        self._allowed: dict[str, frozenset[int]] = {
-            ident: frozenset(i for i, g in groups_of.items() if g in set(gs))
-            for ident, gs in config.client_groups.items()
-        }
 
     # ------------------------------------------------------------------ plumbing
 
     def client(self, context: grpc.aio.ServicerContext, admin: bool = False) -> Client:
-        """Authenticate: a bearer token (when configured) and/or the mTLS subject."""
-        identity = None
-        if self.config.tokens or self.config.admin_tokens:
-            md = dict(context.invocation_metadata() or ())
-            auth = md.get("authorization", "")
-            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            if admin:
-                if not any(hmac.compare_digest(token, t) for t in self.config.admin_tokens):
-                    raise Unauthenticated("admin token required")
-                return Client(identity="admin")
-            for t, ident in self.config.tokens.items():
-                if token and hmac.compare_digest(token, t):
-                    identity = ident
-                    break
-            if identity is None:
-                raise Unauthenticated(
-                    "missing or invalid bearer token (metadata 'authorization')")
-        elif admin:
-            raise PermissionDenied("admin RPCs need an admin token")
-        if identity is None:
-            ac = context.auth_context() or {}
-            cn = ac.get("x509_common_name") or ()
-            identity = cn[0].decode() if cn else "anonymous"
-        return Client(identity=identity, allowed=self._allowed.get(identity))
+        """Authenticate (access.py): a bearer token (when configured) and/or the mTLS subject."""
+        md = dict(context.invocation_metadata() or ())
+        ac = context.auth_context() or {}
+        cn = ac.get("x509_common_name") or ()
+        return self.access.client(md.get("authorization"), admin=admin,
+                                  peer=cn[0].decode() if cn else None,
+                                  header="metadata 'authorization'")
 
     def _routing_pb(self, r: Routing, info: dict | None = None) -> pb2.Routing:
         msg = pb2.Routing(mode=_MODE_PB.get(r.mode, pb2.ROUTING_MODE_TTMM),
@@ -218,13 +213,15 @@ class TTMMServicer:
         return GenerateInput(prompt=req.prompt, prompt_token_ids=tuple(req.prompt_token_ids),
                              sampling=sampling, max_tokens_set=s.HasField("max_tokens"),
                              routing=self._routing_request(req.routing),
-                             request_id=req.request_id)
+                             request_id=req.request_id,
+                             messages=tuple(ChatMessage(m.role, m.content)
+                                            for m in req.messages))
 
     # ------------------------------------------------------------------ RPCs
 
     async def Generate(self, request, context) -> pb2.GenerateResponse:
         client = self.client(context)
-        self.admission.enter()
+        self.admission.enter(client)
         try:
             gi = self._generate_input(_parsed(request))
             prepared = await self.service.prepare(gi, client)
@@ -244,11 +241,11 @@ class TTMMServicer:
                 routing=self._routing_pb(prepared.routing, self.service.adapter_info(prepared)),
                 timings=self._timings_pb(prepared.timings), logprobs=lps, switches=switches)
         finally:
-            self.admission.leave()
+            self.admission.leave(client)
 
     async def GenerateStream(self, request, context):
         client = self.client(context)
-        self.admission.enter()
+        self.admission.enter(client)
         try:
             gi = self._generate_input(_parsed(request))
             prepared = await self.service.prepare(gi, client)
@@ -268,11 +265,11 @@ class TTMMServicer:
                     chunk.timings.CopyFrom(self._timings_pb(prepared.timings))
                 yield chunk
         finally:
-            self.admission.leave()
+            self.admission.leave(client)
 
     async def Route(self, request, context) -> pb2.RouteResponse:
         client = self.client(context)
-        self.admission.enter()
+        self.admission.enter(client)
         try:
             request = _parsed(request)
             routing, timings = await self.service.route(
@@ -280,11 +277,11 @@ class TTMMServicer:
             return pb2.RouteResponse(routing=self._routing_pb(routing),
                                      timings=self._timings_pb(timings))
         finally:
-            self.admission.leave()
+            self.admission.leave(client)
 
     async def Score(self, request, context) -> pb2.ScoreResponse:
         client = self.client(context)
-        self.admission.enter()
+        self.admission.enter(client)
         try:
             request = _parsed(request)
             lps, ids, routing, timings, switches = await self.service.score(
@@ -298,7 +295,7 @@ class TTMMServicer:
                                      timings=self._timings_pb(timings),
                                      switches=self._switches_pb(switches))
         finally:
-            self.admission.leave()
+            self.admission.leave(client)
 
     async def ListExperts(self, request, context) -> pb2.ListExpertsResponse:
         client = self.client(context)
@@ -428,6 +425,8 @@ class Server:
         self.port = 0
         self.metrics_port: int | None = None
         self.engine_dead = asyncio.Event()
+        # An HTTP door on the same service and access (launch.start); stopped after the drain
+        self.http = None
         self._metrics_server = None
         self._watch: asyncio.Task | None = None
 
@@ -440,7 +439,14 @@ class Server:
         # INVALID_ARGUMENT naming its size from us rather than a bare transport error.
         opts = [("grpc.max_receive_message_length", 2 * c.max_message_bytes + 1024),
                 ("grpc.max_send_message_length", c.max_message_bytes),
-                ("grpc.so_reuseport", 0)]
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", int(c.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(c.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1)]
+        if c.max_connection_age_s is not None:
+            opts += [("grpc.max_connection_age_ms", int(c.max_connection_age_s * 1000)),
+                     ("grpc.max_connection_age_grace_ms",
+                      int(c.max_connection_age_grace_s * 1000))]
         self.grpc = grpc.aio.server(options=opts)
         self.grpc.add_generic_rpc_handlers((service_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -468,15 +474,36 @@ class Server:
         return self
 
     async def _watch_engine(self) -> None:
-        """If vLLM dies, stop saying SERVING so a supervisor can restart the process."""
+        """If vLLM dies, stop saying SERVING (for good: `engine_dead`, so `ttmm serve` exits
+        non-zero and a supervisor restarts it); while its engine core does not answer a probe
+        in time, say NOT_SERVING, and SERVING again once it does."""
+        c = self.config
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time() + c.health_probe_s
+        serving = True
         while True:
-            await asyncio.sleep(self.config.engine_watch_s)
+            await asyncio.sleep(c.engine_watch_s)
             if not self.service.engine_running:
                 log.error("vLLM engine died: health NOT_SERVING")
-                for name in ("", SERVICE_NAME):
-                    await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
                 self.engine_dead.set()
                 return
+            if c.health_probe_s and loop.time() >= next_probe:
+                ok = await self.service.engine_healthy(c.health_timeout_s)
+                next_probe = loop.time() + c.health_probe_s
+                if ok != serving:
+                    serving = ok
+                    if ok:
+                        log.warning("vLLM engine answers again: health SERVING")
+                    else:
+                        log.error("vLLM engine did not answer its health probe within %.1f s: "
+                                  "health NOT_SERVING", c.health_timeout_s)
+                    await self._set_health(health_pb2.HealthCheckResponse.SERVING if ok else
+                                           health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new requests, let in-flight ones finish within `grace` seconds."""
@@ -490,6 +517,8 @@ class Server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.servicer.admission.drained(), grace)
             await self.grpc.stop(0)
+        if self.http is not None:
+            await self.http.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         if self.own_service:

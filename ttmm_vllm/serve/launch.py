@@ -1,6 +1,7 @@
 """Starting a server: the one sequence the CLI, the demo, the benchmarks and the tests share.
 
     open + validate the library -> embedder -> vLLM engine -> service -> gRPC server
+        [-> the OpenAI-compatible HTTP door on the same service, auth and admission]
 
 `start(config)` returns the running `Server`; `await server.stop()` drains it and shuts the
 engine down. Everything a start needs is one typed `ServeConfig`.
@@ -16,6 +17,7 @@ from ttmm_vllm.routing.embed import load_library_embedder
 from ttmm_vllm.serve.engine import Engine
 from ttmm_vllm.serve.engine_api import EngineConfig
 from ttmm_vllm.serve.grpc_server import Server, ServerConfig
+from ttmm_vllm.serve.http_server import HttpConfig, HttpServer
 from ttmm_vllm.serve.service import ServiceConfig, TTMMService
 
 
@@ -31,6 +33,9 @@ class ServeConfig:
     base_model: str | None = None
     # The sentence-transformers folder (default: the library's).
     embedder: str | None = None
+    # The OpenAI-compatible HTTP door (None: gRPC only). It shares the gRPC server's tokens,
+    # client groups, admission bound and metrics; `server.http.port` is its port.
+    http: HttpConfig | None = None
 
 
 async def start(config: ServeConfig) -> Server:
@@ -42,7 +47,15 @@ async def start(config: ServeConfig) -> Server:
     engine = await Engine.start(lib, config.engine, config.base_model)
     service = TTMMService(lib, engine, embedder, config.service)
     try:
-        return await Server.start(service, config.server)
+        server = await Server.start(service, config.server)
     except BaseException:
         await service.shutdown()
         raise
+    if config.http is not None:
+        try:
+            server.http = await HttpServer.start(service, config.http,
+                                                 access=server.servicer.access)
+        except BaseException:
+            await server.stop(grace=0)
+            raise
+    return server

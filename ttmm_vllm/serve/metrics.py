@@ -1,13 +1,16 @@
 """Prometheus metrics: per-stage timings, request outcomes, adapter and expert caches.
 
-One registry per server (tests start several in one process), exported over HTTP by the server.
+One registry per server (tests start several in one process), exported over HTTP by the server
+(the gRPC server's metrics port, the HTTP door's /metrics). It also exports vLLM's own engine
+metrics (`vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`,
+`vllm:kv_cache_usage_perc`, ...), which vLLM keeps in prometheus_client's default registry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 STAGES = ("embed", "search", "merge", "register", "queue", "generate", "total")
 # 0.1 ms .. ~100 s
@@ -31,6 +34,19 @@ class Timings:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+class VllmMetrics:
+    """A collector that forwards vLLM's metric families (named `vllm:*`) from the default
+    registry, where vLLM's Prometheus stat logger puts them."""
+
+    def __init__(self, source: CollectorRegistry = REGISTRY):
+        self.source = source
+
+    def collect(self):
+        for family in self.source.collect():
+            if family.name.startswith("vllm:"):
+                yield family
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
@@ -52,6 +68,7 @@ class Metrics:
                                         "Expert tensors held in host memory", registry=r)
         self.rejected = Counter("ttmm_rejected", "Requests refused by admission control",
                                 registry=r)
+        r.register(VllmMetrics())
 
     def observe(self, t: Timings) -> None:
         for stage in STAGES:

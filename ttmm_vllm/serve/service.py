@@ -8,6 +8,8 @@ to status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import time
 import uuid
@@ -19,9 +21,19 @@ import numpy as np
 from ttmm_vllm.library import Library, LibraryError
 from ttmm_vllm.routing.embed import Embedder, MicroBatcher
 from ttmm_vllm.routing.router import CentroidIndex, Mode, Router, Routing, RoutingParams, Variant
+from ttmm_vllm.serve import chat
+from ttmm_vllm.serve.chat import ChatMessage
 from ttmm_vllm.serve.engine_api import EngineLike, Sampling, Step
-from ttmm_vllm.serve.errors import InvalidArgument, NotFound, PermissionDenied
+from ttmm_vllm.serve.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unimplemented,
+)
 from ttmm_vllm.serve.metrics import Metrics, Timings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,25 @@ class ServiceConfig:
     embed_max_batch: int = 64
     # Re-route routed requests after every N generated tokens unless they say otherwise (0: no)
     default_reroute_every: int = 0
+    # Each re-route window is one engine request over the whole context so far (a prefill;
+    # in Score a full one, as vLLM skips the prefix cache when prompt logprobs are asked), so
+    # a request's windows are at least `min_reroute_every` tokens and at most
+    # `max_reroute_windows` (the server's default window is widened to fit instead).
+    min_reroute_every: int = 8
+    max_reroute_windows: int = 64
+    # Score's continuation: characters (checked first, before any tokenization) and tokens.
+    max_continuation_chars: int = 200_000
+    max_continuation_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        for name in ("min_reroute_every", "max_reroute_windows", "max_continuation_chars",
+                     "max_continuation_tokens", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_reroute_every and self.default_reroute_every < self.min_reroute_every:
+            raise ValueError(f"default_reroute_every must be 0 (never) or >= "
+                             f"min_reroute_every ({self.min_reroute_every}), got "
+                             f"{self.default_reroute_every}")
 
 
 @dataclass
@@ -61,14 +92,29 @@ class GenerateInput:
     max_tokens_set: bool = False
     routing: RoutingRequest = field(default_factory=RoutingRequest)
     request_id: str = ""
+    # Alternative to prompt: a conversation (chat.py: templated; routing embeds the last
+    # user turn)
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass
 class Client:
-    """Who is calling: an identity and the experts it may use (None: all)."""
+    """Who is calling: an identity and the experts it may use.
+
+    groups: the expert groups it may use, looked up in the live manifest at each request (an
+    expert added later under one of them is usable, one re-added under another group is not);
+    None: every group. allowed: a fixed set of expert ids on top of that (None: no limit)."""
 
     identity: str = "anonymous"
     allowed: frozenset[int] | None = None
+    groups: frozenset[str] | None = None
+    # The identity was proven (a token or a client certificate): admission gives each such
+    # identity its own share of the slots.
+    authenticated: bool = False
+
+    @property
+    def restricted(self) -> bool:
+        return self.allowed is not None or self.groups is not None
 
 
 @dataclass
@@ -102,10 +148,15 @@ class TTMMService:
                                    ids=[e.id for e in library.manifest.active_experts])
         self.router = Router(self.index, self.defaults)
         self._admin_lock = asyncio.Lock()
+        self._admin_tasks: set[asyncio.Task] = set()
+        # (manifest, {groups: expert ids}): group members, recomputed when the manifest changes
+        self._members: tuple[object, dict[frozenset[str], frozenset[int]]] = (None, {})
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.config.max_model_len
 
     async def shutdown(self) -> None:
+        with contextlib.suppress(Exception):  # an admin change finishes before the engine goes
+            await asyncio.wait_for(self.wait_admin(), 60)
         self.batcher.close()
         await self.engine.shutdown()
 
@@ -125,15 +176,17 @@ class TTMMService:
                                   f"may be named, got {len(r.experts)}")
         if len(set(r.experts)) != len(r.experts):
             raise InvalidArgument("routing.experts", "an expert id is listed twice")
-        alive = set(self.index.ids)
-        unknown = [e for e in r.experts if e not in alive]
-        if unknown:
-            raise InvalidArgument("routing.experts", f"unknown expert ids {unknown}")
-        if client.allowed is not None:
-            denied = [e for e in r.experts if e not in client.allowed]
-            if denied:
-                raise PermissionDenied(f"experts {denied} are not permitted for "
-                                       f"{client.identity}")
+        permitted = self.permitted(client)
+        if permitted is not None:
+            # One answer for "does not exist" and "not yours": no oracle of which ids exist.
+            hidden = [e for e in r.experts if e not in permitted or e not in self.index]
+            if hidden:
+                raise PermissionDenied(f"routing.experts: experts {hidden} are unknown or not "
+                                       f"permitted for {client.identity}")
+        else:
+            unknown = [e for e in r.experts if e not in self.index]
+            if unknown:
+                raise InvalidArgument("routing.experts", f"unknown expert ids {unknown}")
         if r.expert_weights:
             if len(r.expert_weights) != len(r.experts):
                 raise InvalidArgument("routing.expert_weights",
@@ -183,8 +236,39 @@ class TTMMService:
                                   f"stop strings must have 1..{c.max_stop_length} characters")
         return s
 
+    def check_sizes(self, text: str, token_ids: Sequence[int], field_name: str) -> None:
+        """The cheap caps (characters, token count), before anything tokenizes or scans."""
+        c = self.config
+        chars, tokens = ((c.max_continuation_chars, c.max_continuation_tokens)
+                         if field_name == "continuation" else (c.max_prompt_chars, None))
+        if len(text) > chars:
+            raise InvalidArgument(field_name, f"has {len(text)} characters; at most {chars}")
+        limit = min(tokens or self.max_model_len, self.max_model_len)
+        if len(token_ids) > limit:
+            raise InvalidArgument(f"{field_name}_token_ids",
+                                  f"has {len(token_ids)} tokens; at most {limit}")
+
+    def tokenize_continuation(self, text: str, token_ids: Sequence[int]) -> list[int]:
+        """Score's continuation as token ids, within `max_continuation_tokens`."""
+        self.check_sizes(text, token_ids, "continuation")
+        if token_ids:
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in token_ids):
+                raise InvalidArgument("continuation_token_ids", "token id outside the vocabulary")
+            return list(token_ids)
+        if not text:
+            raise InvalidArgument("continuation", "is empty")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.config.max_continuation_tokens:
+            raise InvalidArgument("continuation", f"has {len(ids)} tokens; at most "
+                                  f"{self.config.max_continuation_tokens}")
+        return ids
+
     def tokenize_prompt(self, prompt: str, token_ids: Sequence[int], field_name: str = "prompt"
                         ) -> list[int]:
+        if len(token_ids) >= self.max_model_len:  # before scanning them
+            raise InvalidArgument(f"{field_name}_token_ids", f"has {len(token_ids)} tokens; the "
+                                  f"model's context is {self.max_model_len}")
         if token_ids:
             vocab = len(self.tokenizer)
             bad = [t for t in token_ids if not 0 <= t < vocab]
@@ -210,25 +294,62 @@ class TTMMService:
 
     # ------------------------------------------------------------------ routing
 
-    def _allowed(self, client: Client) -> Callable[[int], bool] | None:
-        if client.allowed is None:
-            return None
-        allowed = client.allowed
-        return lambda i: i in allowed
+    def permitted(self, client: Client) -> frozenset[int] | None:
+        """The expert ids a client may use now (None: all): its groups' members in the live
+        manifest, within its fixed `allowed` set."""
+        ids = None if client.groups is None else self._group_members(client.groups)
+        if client.allowed is not None:
+            ids = client.allowed if ids is None else ids & client.allowed
+        return ids
 
-    def reroute_every(self, r: RoutingRequest, params: RoutingParams) -> int:
+    def _group_members(self, groups: frozenset[str]) -> frozenset[int]:
+        manifest = self.library.manifest
+        if self._members[0] is not manifest:  # a live change wrote a new manifest
+            self._members = (manifest, {})
+        cache = self._members[1]
+        got = cache.get(groups)
+        if got is None:
+            got = frozenset(e.id for e in manifest.active_experts if e.group in groups)
+            if len(cache) < 4096:
+                cache[groups] = got
+        return got
+
+    def _allowed(self, client: Client) -> Callable[[int], bool] | None:
+        permitted = self.permitted(client)
+        if permitted is None:
+            return None
+        return lambda i: i in permitted
+
+    def reroute_every(self, r: RoutingRequest, params: RoutingParams,
+                      tokens: int | None = None) -> int:
         """How often this request re-routes: its own ask, else the server's default.
 
         Re-routing needs routed experts: a request that asks for it in base mode or with an
-        explicit expert list is refused (silently ignoring it would mislead the client)."""
+        explicit expert list is refused (silently ignoring it would mislead the client). Each
+        window costs a prefill of the context: a request's own window is at least
+        `min_reroute_every` tokens and, over its `tokens` (generated or scored), makes at most
+        `max_reroute_windows` windows; the server's default is widened to fit instead."""
+        c = self.config
         fixed = params.mode == Mode.BASE or bool(params.experts)
         if r.reroute_every:
             if fixed:
                 raise InvalidArgument("routing.reroute_every", "re-routing needs routed experts "
                                       "(mode ttmm, top1 or uniform, no explicit expert list)")
-            return int(r.reroute_every)
-        if r.reroute_every is None and not fixed:
-            return self.config.default_reroute_every
+            every = int(r.reroute_every)
+            if every < c.min_reroute_every:
+                raise InvalidArgument("routing.reroute_every", f"must be 0 (never) or >= "
+                                      f"{c.min_reroute_every} tokens, got {every}")
+            if tokens is not None and -(-tokens // every) > c.max_reroute_windows:
+                raise InvalidArgument(
+                    "routing.reroute_every", f"{tokens} tokens in windows of {every} make "
+                    f"{-(-tokens // every)} re-routed windows; at most {c.max_reroute_windows} "
+                    f"per request (use reroute_every >= {-(-tokens // c.max_reroute_windows)})")
+            return every
+        if r.reroute_every is None and not fixed and c.default_reroute_every:
+            every = c.default_reroute_every
+            if tokens is not None:
+                every = max(every, -(-tokens // c.max_reroute_windows))
+            return every
         return 0
 
     async def route_ids(self, prompt_ids: Sequence[int], params: RoutingParams, client: Client,
@@ -251,13 +372,27 @@ class TTMMService:
         timings = Timings()
         t0 = time.perf_counter()
         params = self.params_for(req.routing, client)
-        ids = await asyncio.to_thread(self.tokenize_prompt, req.prompt, req.prompt_token_ids)
+        ids, query_ids = await asyncio.to_thread(self.input_ids, req)
         sampling = self.validate_sampling(req.sampling, len(ids), req.max_tokens_set)
-        reroute = self.reroute_every(req.routing, params)
-        routing = await self.route_ids(ids, params, client, timings)
+        reroute = self.reroute_every(req.routing, params, sampling.max_tokens)
+        routing = await self.route_ids(query_ids, params, client, timings)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         rid = req.request_id or uuid.uuid4().hex
         return Prepared(rid, ids, routing, sampling, timings, params, client, reroute)
+
+    def input_ids(self, req: GenerateInput) -> tuple[list[int], list[int]]:
+        """(prompt tokens, tokens routing embeds): the prompt's, or for a conversation its
+        chat-templated tokens and its last user turn's."""
+        if not req.messages:
+            ids = self.tokenize_prompt(req.prompt, req.prompt_token_ids)
+            return ids, ids
+        if req.prompt or req.prompt_token_ids:
+            raise InvalidArgument("messages", "send either a prompt or messages, not both")
+        chat.check_messages(req.messages, self.config.max_prompt_chars)
+        ids = self.tokenize_prompt(chat.render(self.tokenizer, req.messages), (), "messages")
+        query = self.tokenizer(chat.routing_text(req.messages),
+                               add_special_tokens=False)["input_ids"]
+        return ids, query or ids
 
     async def route(self, prompt: str, r: RoutingRequest, client: Client
                     ) -> tuple[Routing, Timings]:
@@ -328,27 +463,27 @@ class TTMMService:
 
     async def score(self, prompt: str, continuation: str, r: RoutingRequest, client: Client, *,
                     prompt_token_ids: Sequence[int] = (),
-                    continuation_token_ids: Sequence[int] = ()) -> tuple[list[float], list[int],
-                                                                          Routing, Timings]:
+                    continuation_token_ids: Sequence[int] = (),
+                    routing_token_ids: Sequence[int] = ()) -> tuple[list[float], list[int],
+                                                                     Routing, Timings]:
         timings = Timings()
         t0 = time.perf_counter()
         params = self.params_for(r, client)
+        # Cheap size checks first, on the loop; tokenization off it (a long text would stall
+        # every other RPC and the health checks).
+        self.check_sizes(prompt, prompt_token_ids, "prompt")
+        self.check_sizes(continuation, continuation_token_ids, "continuation")
         ids = await asyncio.to_thread(self.tokenize_prompt, prompt, prompt_token_ids)
-        if continuation_token_ids:
-            cont = list(continuation_token_ids)
-            vocab = len(self.tokenizer)
-            if any(not 0 <= t < vocab for t in cont):
-                raise InvalidArgument("continuation_token_ids", "token id outside the vocabulary")
-        else:
-            if not continuation:
-                raise InvalidArgument("continuation", "is empty")
-            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        cont = await asyncio.to_thread(self.tokenize_continuation, continuation,
+                                       continuation_token_ids)
         if len(ids) + len(cont) > self.max_model_len:
             raise InvalidArgument("continuation", f"prompt + continuation have "
                                   f"{len(ids) + len(cont)} tokens; the context is "
                                   f"{self.max_model_len}")
-        every = self.reroute_every(r, params)
-        routing = await self.route_ids(ids, params, client, timings)
+        every = self.reroute_every(r, params, len(cont))
+        # routing_token_ids: route as a generation from those tokens would (the HTTP door's
+        # echo scores a whole prompt after its first token)
+        routing = await self.route_ids(list(routing_token_ids) or ids, params, client, timings)
         if not every:
             lps = await self.engine.score(uuid.uuid4().hex, ids, cont, routing, timings)
             switches = []
@@ -379,41 +514,104 @@ class TTMMService:
 
     # ------------------------------------------------------------------ live library changes
 
+    # Each is one transaction over the manifest (and centroid table), the engine and the index:
+    # it runs to its end under the admin lock even if the caller cancels or its deadline
+    # passes, and a failure at any step puts back what the earlier steps changed.
+
     async def add_expert(self, expert_id: int):
         """Serve an expert placed in the library directory, without a restart.
 
-        Order matters: validate, make the engine able to serve it, then let routing see it,
-        then record it on disk (so a restart sees the same library).
+        Order: validate (id, metadata, tensors, rank <= the engine's max_lora_rank), record it
+        on disk (the worker reads the manifest from there; a crash after this point serves it
+        on restart), make the engine able to serve it, then let routing see it.
         """
-        async with self._admin_lock:
-            try:
-                info, centroid = await asyncio.to_thread(self.library.pending_expert,
-                                                         expert_id)
-            except LibraryError as e:
-                raise InvalidArgument("expert_id", str(e)) from e
-            await asyncio.to_thread(self.library.commit_added, info, centroid)
-            try:
-                await self.engine.add_expert(expert_id)
-            except BaseException:
-                await asyncio.to_thread(self.library.commit_removed, expert_id)
-                raise
-            self.index.add(expert_id, centroid)
-            return info
+        self._check_live_changes()
+        self._check_expert_id(expert_id)
+        return await self._transaction(self._add_expert, expert_id)
 
     async def remove_expert(self, expert_id: int) -> None:
         """Stop routing to an expert now; requests in flight keep the weights they started
         with; its tensors are freed once unused; the manifest marks it deleted."""
-        async with self._admin_lock:
-            if expert_id not in set(self.index.ids):
-                raise NotFound(f"expert {expert_id} is not served")
-            self.index.remove(expert_id)
+        self._check_live_changes()
+        self._check_expert_id(expert_id)
+        return await self._transaction(self._remove_expert, expert_id)
+
+    async def _add_expert(self, expert_id: int):
+        if expert_id in self.index:
+            raise AlreadyExists(f"expert {expert_id} is already served")
+        try:
+            info, centroid = await asyncio.to_thread(
+                self.library.pending_expert, expert_id,
+                getattr(self.engine, "max_expert_rank", None))
+        except LibraryError as e:
+            raise InvalidArgument("expert_id", str(e)) from e
+        before = self.library.snapshot()
+        await asyncio.to_thread(self.library.commit_added, info, centroid)
+        try:
+            await self.engine.add_expert(expert_id)
+            self.index.add(expert_id, centroid)
+        except BaseException:
+            await self._undo(lambda: asyncio.to_thread(self.library.restore, before),
+                             lambda: self.engine.remove_expert(expert_id))
+            raise
+        return info
+
+    async def _remove_expert(self, expert_id: int) -> None:
+        if expert_id not in self.index:
+            raise NotFound(f"expert {expert_id} is not served")
+        centroid = self.index.centroids[expert_id].copy()
+        before = self.library.snapshot()
+        self.index.remove(expert_id)  # no new request routes to it from here on
+        try:
             await asyncio.to_thread(self.library.commit_removed, expert_id)
             await self.engine.remove_expert(expert_id)
+        except BaseException:
+            await self._undo(lambda: asyncio.to_thread(self.library.restore, before),
+                             lambda: self.engine.add_expert(expert_id))
+            self.index.add(expert_id, centroid)
+            raise
+
+    async def _transaction(self, fn, *args):
+        """Run an admin change to its end under the admin lock, shielded from the caller."""
+        async def run():
+            async with self._admin_lock:
+                return await fn(*args)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._admin_tasks.add(task)
+        task.add_done_callback(_admin_done(self._admin_tasks))
+        return await asyncio.shield(task)
+
+    @staticmethod
+    async def _undo(*steps) -> None:
+        """Roll back: every step is tried; a failing one is logged, never hides the cause."""
+        for step in steps:
+            try:
+                await step()
+            except Exception:  # noqa: BLE001
+                log.exception("rolling back a live library change failed")
+
+    def _check_live_changes(self) -> None:
+        engine = self.engine
+        if not (callable(getattr(engine, "add_expert", None))
+                and callable(getattr(engine, "remove_expert", None))):
+            raise Unimplemented("live library changes are not supported by this deployment "
+                                "(Ray Serve: change the library and redeploy)")
+
+    def _check_expert_id(self, expert_id: int) -> None:
+        limit = self.library.limits.max_expert_id
+        if not 0 <= expert_id < limit:
+            raise InvalidArgument("expert_id", f"must be in [0, {limit}), got {expert_id}")
+
+    async def wait_admin(self) -> None:
+        """Wait for admin changes in progress (even those whose callers went away)."""
+        while self._admin_tasks:
+            await asyncio.wait(set(self._admin_tasks))
 
     def experts_for(self, client: Client) -> list:
-        alive = set(self.index.ids)
+        permitted = self.permitted(client)
         return [e for e in self.library.manifest.experts
-                if e.id in alive and (client.allowed is None or e.id in client.allowed)]
+                if e.id in self.index and (permitted is None or e.id in permitted)]
 
     def adapter_info(self, p: Prepared) -> dict:
         """Rank and compression error of what served a prepared request."""
@@ -426,11 +624,31 @@ class TTMMService:
     def engine_running(self) -> bool:
         return self.engine.is_running
 
+    async def engine_healthy(self, timeout: float) -> bool:
+        """Does the engine answer its health check within `timeout` seconds? (An engine
+        without one: whether it runs.)"""
+        check = getattr(self.engine, "check_health", None)
+        if check is None:
+            return self.engine.is_running
+        try:
+            await asyncio.wait_for(check(), timeout)
+            return True
+        except Exception:  # noqa: BLE001 - any failure, a timeout included, is "no"
+            return False
+
     def title(self, expert_id: int) -> str:
         try:
             return self.library.manifest.expert(expert_id).title
         except Exception:  # noqa: BLE001
             return ""
+
+
+def _admin_done(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # retrieved: the caller
+            log.debug("admin change failed: %r", task.exception())  # may have gone away
+    return done
 
 
 def _replace(s: Sampling, **kw) -> Sampling:

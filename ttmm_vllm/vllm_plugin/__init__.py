@@ -70,15 +70,18 @@ def _patch_worker_lora_manager() -> None:
     @functools.wraps(stock_load)
     def _load_adapter(self, lora_request):
         from ttmm_vllm.vllm_plugin.protocol import parse_routing_lora_name
-        from ttmm_vllm.vllm_plugin.state import STATE
-        from ttmm_vllm.vllm_plugin.worker_merge import adapter_rank, load_routing_adapter
+        from ttmm_vllm.vllm_plugin.state import STATE, adapter_rank
 
         _maybe_prune(self, STATE)
         spec = parse_routing_lora_name(lora_request.lora_name)
-        if spec is None:
+        if spec is None:  # an ordinary adapter: vLLM's own loading, untouched
             lora = stock_load(self, lora_request)
             STATE.note_ordinary(lora.id, adapter_rank(lora))
             return lora
+        # Only routing adapters import the in-worker merge (and the vLLM internals it
+        # builds LoRAModels with): ordinary `vllm serve --enable-lora` never does.
+        from ttmm_vllm.vllm_plugin.worker_merge import load_routing_adapter
+
         return load_routing_adapter(self, lora_request, spec, STATE)
 
     WorkerLoRAManager._load_adapter = _load_adapter
@@ -98,8 +101,8 @@ def _wrap_create_lora_manager(cls) -> None:
         STATE.configure(PluginConfig.from_vllm_config(vllm_config))
         out = stock(self, model, vllm_config)
         STATE.attach_manager(self._adapter_manager)
-        if STATE.config.library:
-            STATE.bank(STATE.config.library)
+        if STATE.config.library and STATE.config.worker_merge == "mix":
+            STATE.bank(STATE.config.library)  # "expand" reads experts on demand instead
         return out
 
     cls.create_lora_manager = create_lora_manager

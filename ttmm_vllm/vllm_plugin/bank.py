@@ -7,9 +7,9 @@ names mapped to vLLM's packed layers (q/k/v -> qkv_proj slices 0/1/2, gate/up ->
 gate_up_proj slices 0/1, as the model's `packed_modules_mapping` says) and each expert's
 scaling folded into B.
 
-The same tensors serve both in-worker strategies: "mix" reads them directly in the LoRA op
-(`ops.mix_lora_linear`); "expand" takes per-expert views (`expert_views`) to build a
-rank-expanded adapter with `merge.merge_experts`.
+"mix" reads these tensors directly in the LoRA op (`ops.mix_lora_linear`). "expand" does not
+need a bank (it reads only the experts a request names, `state.PluginState.experts`);
+`expert_views` gives per-expert views for checks and tests.
 """
 
 from __future__ import annotations

@@ -43,8 +43,11 @@ class PluginConfig:
     # Library root whose experts are loaded when the worker starts (None: on the first
     # routing adapter that names it). Any library a routing adapter names is loaded once.
     library: str | None = None
-    # Check every expert's sha256 against the manifest when a library is loaded.
+    # Check every expert's sha256 against the manifest when a library is loaded ("mix") or
+    # an expert is first read ("expand").
     verify_checksums: bool = True
+    # "expand": experts kept in the worker's LRU cache, bytes (at least one stays).
+    expert_cache_bytes: int = 2 << 30
     # In the mix op, gather the factors of the experts in use when they are fewer than this
     # fraction of a library's rank columns; above it, multiply all columns (zero weights)
     # rather than copy. A pure speed knob: both ways are exact.

@@ -20,7 +20,7 @@ Selected by patching `CpuPlatform.get_punica_wrapper` (see `vllm_plugin/__init__
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,11 +29,14 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from ttmm_vllm.vllm_plugin.bank import BankModule, ExpertBank
 from ttmm_vllm.vllm_plugin.ops import (
     Rows,
+    SlotBatch,
     SlotGroup,
+    batched_lora_linear,
     expand_weights,
     group_rows_by_slot,
     grouped_lora_linear,
     mix_lora_linear,
+    shared_a_lora_linear,
 )
 from ttmm_vllm.vllm_plugin.state import STATE, PluginState
 
@@ -55,10 +58,12 @@ class BatchMeta:
     num_rows: int
     groups: list[SlotGroup]
     banks: list[BankBatch]
+    # ordinary slots with one token each (decode), one batch per shared-A library + the rest
+    singles: list[SlotBatch] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.groups and not self.banks
+        return not self.groups and not self.banks and not self.singles
 
 
 def build_batch_meta(slots: torch.Tensor, slot_ids: list[int | None], max_rank: int,
@@ -84,7 +89,31 @@ def build_batch_meta(slots: torch.Tensor, slot_ids: list[int | None], max_rank: 
     batches = []
     for key, members in routed.items():
         batches += _bank_batches(banks[key], members, slots, slot_ids, n, state)
-    return BatchMeta(n, groups, batches)
+    shared = {s: state.shared_a_of.get(slot_ids[s]) for s in by_slot if s < len(slot_ids)}
+    groups, singles = split_single_rows(groups, shared)
+    return BatchMeta(n, groups, batches, singles)
+
+
+def split_single_rows(groups: list[SlotGroup], shared_a: dict[int, str | None] | None = None
+                      ) -> tuple[list[SlotGroup], list[SlotBatch]]:
+    """Slots with one token each (decode: every request with its own adapter) go into batched
+    products, one per shared-A library (`shared_a`: slot -> library key) and one for the
+    rest; slots with several tokens (prefill segments) keep their own GEMMs."""
+    shared_a = shared_a or {}
+    ones = sorted((g for g in groups if _num_rows(g.rows) == 1), key=lambda g: g.slot)
+    by_key: dict[str | None, list[SlotGroup]] = {}
+    for g in ones:
+        by_key.setdefault(shared_a.get(g.slot), []).append(g)
+    batches = []
+    for key, members in by_key.items():
+        if key is None and len(members) < 2:
+            continue  # a lone ordinary slot: its own GEMM pair is as cheap
+        rows = torch.tensor([g.rows.start if isinstance(g.rows, slice) else int(g.rows[0])
+                             for g in members], dtype=torch.long)
+        batches.append(SlotBatch(torch.tensor([g.slot for g in members], dtype=torch.long),
+                                 rows, max(g.rank for g in members), key))
+    batched = {g.slot for b in batches for g in by_key[b.shared_a]}
+    return [g for g in groups if g.slot not in batched], batches
 
 
 def _num_rows(rows: Rows) -> int:
@@ -198,6 +227,14 @@ class TTMMPunicaWrapperCPU(PunicaWrapperCPU):
                                f"step has {self._tokens.num_rows} tokens")
         return self._tokens  # rows past the step's tokens (padding, if any) get no adapter
 
+    def _shared_a(self, library: str | None, lora_a_stacked: Any) -> torch.Tensor | None:
+        """The shared A (n*r, in) of a shared-A library for this layer (None: read the
+        slots' own A)."""
+        if library is None:
+            return None
+        name = self._state.layer_names.get(id(lora_a_stacked))
+        return self._state.shared_a_table(library).get(name) if name else None
+
     def _bank_module(self, bank: ExpertBank, lora_a_stacked: Any) -> BankModule | None:
         key = (bank.serial, id(lora_a_stacked))
         if key not in self._layer_modules:
@@ -235,6 +272,14 @@ class TTMMPunicaWrapperCPU(PunicaWrapperCPU):
         y2 = y.view(-1, y.shape[-1])
         grouped_lora_linear(y2, x2, lora_a_stacked, lora_b_stacked, meta.groups,
                             output_slices, scale)
+        for batch in meta.singles:
+            a_shared = self._shared_a(batch.shared_a, lora_a_stacked)
+            if a_shared is None:
+                batched_lora_linear(y2, x2, lora_a_stacked, lora_b_stacked, batch,
+                                    output_slices, scale)
+            else:
+                shared_a_lora_linear(y2, x2, a_shared, lora_b_stacked, batch, output_slices,
+                                     scale)
         for bb in meta.banks:
             module = self._bank_module(bb.bank, lora_a_stacked)
             if module is None:
@@ -270,11 +315,13 @@ class TTMMPunicaWrapperCPU(PunicaWrapperCPU):
             self._rebuild()
         slots = self._logits_slots(x, x2.shape[0])
         meta = build_batch_meta(slots, self._slot_ids, self._max_rank, self._state)
-        if not meta.groups:
+        if not meta.groups and not meta.singles:
             return
         vocab = min(int(lora_b_stacked.shape[-2]), y2.shape[-1])
-        grouped_lora_linear(y2, x2, (lora_a_stacked,), (lora_b_stacked[:, :, :vocab],),
-                            meta.groups, (vocab,), scale)
+        a, b = (lora_a_stacked,), (lora_b_stacked[:, :, :vocab],)
+        grouped_lora_linear(y2, x2, a, b, meta.groups, (vocab,), scale)
+        for batch in meta.singles:  # slot buffers hold each slot's A: exact for any batch
+            batched_lora_linear(y2, x2, a, b, batch, (vocab,), scale)
 
     def _logits_slots(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
         """The slot of each row given to the logits layer.

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ttmm_vllm.library import Library
+from ttmm_vllm.library.expert_cache import ExpertCache
 from ttmm_vllm.vllm_plugin.bank import ExpertBank, layouts_from_manager
 from ttmm_vllm.vllm_plugin.config import PluginConfig
 
@@ -38,9 +40,16 @@ class PluginState:
         self.configured = False  # set once the worker's vLLM config has been read
         self.manager: Any = None  # vLLM LoRAModelManager (worker side)
         self.layer_names: dict[int, str] = {}  # id(layer.lora_a_stacked) -> vLLM module name
-        self.banks: dict[str, ExpertBank] = {}
+        self.banks: dict[str, ExpertBank] = {}  # "mix": every expert resident, stacked
+        self.caches: dict[str, ExpertCache] = {}  # "expand": experts read on demand (LRU)
         self.routes: dict[int, Route] = {}  # lora_int_id -> routing of a "mix" adapter
         self.ranks: dict[int, int] = {}  # lora_int_id -> real rank of an ordinary adapter
+        # lora_int_id -> {"rank", "rel_error", "merge_ms"} of an in-worker "expand" merge
+        self.built: dict[int, dict[str, float]] = {}
+        # lora_int_id -> library key: the adapter is a merge of that shared-A library's
+        # experts, so its slot holds the library's A (the decode op reads it once for all)
+        self.shared_a_of: dict[int, str] = {}
+        self._shared_a: dict[str, dict[str, torch.Tensor]] = {}  # library -> layer -> A
         self.mix_ops_active = False  # the plugin's punica wrapper is in use
         self.version = 0
 
@@ -56,8 +65,11 @@ class PluginState:
         self.layer_names = {id(m.lora_a_stacked): name for name, m in manager.modules.items()
                             if isinstance(getattr(m, "lora_a_stacked", None), tuple)}
         self.banks.clear()
+        self.caches.clear()
+        self._shared_a.clear()
         self.routes.clear()
         self.ranks.clear()
+        self.built.clear()
         self.version += 1
 
     # ---- banks
@@ -87,7 +99,39 @@ class PluginState:
         return bank
 
     def forget_bank(self, root: str | Path) -> None:
+        """Drop what this worker holds of a library (its bank and its expert cache)."""
         self.banks.pop(library_key(root), None)
+        self.caches.pop(library_key(root), None)
+        self._shared_a.pop(library_key(root), None)
+
+    def experts(self, root: str | Path) -> ExpertCache:
+        """A library's experts for "expand" merges: read on demand (each checksum-verified
+        on its first read) into an LRU bounded by `PluginConfig.expert_cache_bytes`, so
+        memory and start-up do not grow with the library: only the experts requests use are
+        read."""
+        key = library_key(root)
+        cache = self.caches.get(key)
+        if cache is None:
+            lib = Library.open(key, verify_checksums=False)
+            cache = ExpertCache(lib, self.config.expert_cache_bytes,
+                                verify_checksums=self.config.verify_checksums)
+            self.caches[key] = cache
+        return cache
+
+    def refresh_library(self, root: str | Path, removed: int | None = None) -> None:
+        """A library's manifest changed (live add/remove): re-read it where it is held.
+        Adapters already built keep their tensors."""
+        key = library_key(root)
+        cache = self.caches.get(key)
+        if cache is not None:
+            cache.library = Library.open(key, verify_checksums=False)
+            if removed is not None:
+                cache.drop(removed)
+        if key in self.banks:
+            if Library.open(key, verify_checksums=False).manifest.active_experts:
+                self.reload_bank(key)
+            else:
+                self.banks.pop(key, None)
 
     # ---- adapters and routings
 
@@ -107,18 +151,54 @@ class PluginState:
             raise KeyError(f"ttmm: LoRA id {lora_int_id} is not a loaded 'mix' routing adapter")
         self.set_route(lora_int_id, route.bank, expert_ids, weights, route.name)
 
-    def note_ordinary(self, lora_int_id: int, rank: int) -> None:
-        """An ordinary adapter (disk or "expand") was loaded under this id, with this rank."""
+    def note_ordinary(self, lora_int_id: int, rank: int, shared_a: str | None = None) -> None:
+        """An ordinary adapter (disk or "expand") was loaded under this id, with this rank;
+        `shared_a`: it is a merge of that shared-A library's experts."""
         self.ranks[lora_int_id] = int(rank)
         self.routes.pop(lora_int_id, None)
+        if shared_a is None:
+            self.shared_a_of.pop(lora_int_id, None)
+        else:
+            self.shared_a_of[lora_int_id] = shared_a
         self.version += 1
+
+    def shared_a_table(self, library: str) -> dict[str, torch.Tensor]:
+        """A shared-A library's A per vLLM LoRA layer, slices stacked: (n * r, in).
+
+        Read from any one expert (they all hold it), mapped to vLLM's packed layers as the
+        bank maps them; a layer some slice of which the experts do not adapt is left out (its
+        slots' own A is read instead)."""
+        table = self._shared_a.get(library)
+        if table is None:
+            cache = self.experts(library)
+            first = cache.library.manifest.active_experts[0].id
+            modules = cache.get(first).modules
+            dtype = next(iter(self.manager.modules.values())).lora_a_stacked[0].dtype
+            table = {}
+            for lay in layouts_from_manager(self.manager):
+                parts = [modules.get(sub) for sub in lay.sub_names]
+                if all(p is not None for p in parts):
+                    table[lay.name] = torch.cat([p[0] for p in parts]).to(dtype).contiguous()
+            self._shared_a[library] = table
+        return table
 
     def prune(self, keep: set[int]) -> None:
         """Forget routings and ranks of adapters vLLM no longer holds (bounded bookkeeping)."""
-        for table in (self.routes, self.ranks):
+        for table in (self.routes, self.ranks, self.built, self.shared_a_of):
             for k in [k for k in table if k not in keep]:
                 del table[k]
         self.version += 1
+
+
+def adapter_rank(lora: Any) -> int:
+    """The largest rank among an adapter's layers (its real rank in vLLM's slot buffers)."""
+    rank = 0
+    for w in lora.loras.values():
+        a = w.lora_a
+        for t in a if isinstance(a, list) else [a]:
+            if t is not None:
+                rank = max(rank, int(t.shape[0]))
+    return rank or int(lora.rank)
 
 
 def library_key(root: str | Path) -> str:

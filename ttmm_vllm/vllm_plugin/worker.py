@@ -25,25 +25,29 @@ class TTMMWorkerExtension:
         route = STATE.routes.get(int(lora_int_id))
         return None if route is None else (list(route.expert_ids), list(route.weights))
 
+    def ttmm_adapter_info(self, lora_int_id: int) -> dict[str, float] | None:
+        """What an "expand" merge built for this adapter: rank, relative error, merge time."""
+        return STATE.built.get(int(lora_int_id))
+
     def ttmm_add_expert(self, library_root: str, expert_id: int) -> bool:
         """Make an expert just committed to the library's manifest servable in this worker."""
-        bank = STATE.reload_bank(library_root)  # loads the bank if it was not resident
-        if int(expert_id) not in bank.index_of:
+        if STATE.config.worker_merge == "mix":
+            STATE.bank(library_root)  # loads the bank if it was not resident
+        STATE.refresh_library(library_root)
+        active = {e.id for e in STATE.experts(library_root).library.manifest.active_experts}
+        if int(expert_id) not in active:
             raise RuntimeError(f"ttmm: expert {expert_id} is not active in {library_root}")
         return True
 
     def ttmm_remove_expert(self, library_root: str, expert_id: int) -> bool:
-        """Drop a removed expert from the resident bank; adapters in flight keep theirs."""
-        from ttmm_vllm.library import Library
-        from ttmm_vllm.vllm_plugin.state import library_key
+        """Forget a removed expert (bank and cache); adapters in flight keep theirs."""
+        STATE.refresh_library(library_root, removed=int(expert_id))
+        return True
 
-        if library_key(library_root) not in STATE.banks:
-            return True  # not loaded yet: a later first use reads the new manifest
-
-        if Library.open(library_root, verify_checksums=False).manifest.active_experts:
-            STATE.reload_bank(library_root)
-        else:
-            STATE.forget_bank(library_root)
+    def ttmm_forget_library(self, library_root: str) -> bool:
+        """Drop a library's resident bank (benchmarks moving to another library); adapters
+        in flight keep theirs."""
+        STATE.forget_bank(library_root)
         return True
 
     def ttmm_info(self) -> dict[str, Any]:
@@ -53,6 +57,8 @@ class TTMMWorkerExtension:
             "mix_ops_active": STATE.mix_ops_active,
             "banks": {root: {"experts": list(b.expert_ids), "layers": len(b.modules),
                              "bytes": b.nbytes} for root, b in STATE.banks.items()},
+            "expert_caches": {root: {"experts": len(c), "bytes": c.nbytes}
+                              for root, c in STATE.caches.items()},
             "routes": {k: [list(r.expert_ids), list(r.weights)]
                        for k, r in STATE.routes.items()},
             "ranks": dict(STATE.ranks),

@@ -6,15 +6,18 @@ carries a routing (`protocol.py`). Two strategies:
 - "mix": a placeholder LoRAModel (no weights: vLLM zeroes its slot) plus the routing in
   `STATE.routes`; the plugin's punica wrapper sends its tokens through the mix op over the
   library's resident bank. Costs nothing per request; the routing stays mutable.
-- "expand": the exact rank-expanded merge (`merge.merge_experts`) of views into the bank,
-  turned into a LoRAModel with `LoRAModel.from_lora_tensors`. An ordinary adapter from then
-  on: it works with vLLM's stock ops and on GPUs. Above `max_lora_rank` it is compressed to it
-  by SVD (logged with its relative error).
+- "expand": the merge (`merge.merge_experts`) of the request's experts, read on demand into
+  the worker's LRU expert cache (no resident bank: memory and start-up do not grow with the
+  library), turned into a LoRAModel with `LoRAModel.from_lora_tensors`. An ordinary adapter from then on: it works
+  with vLLM's stock ops and on GPUs. Shared-A libraries merge exactly at the experts' rank;
+  others are rank-expanded and, above `max_lora_rank`, compressed to it (the optimal
+  rank-b approximation; its relative error is kept in `STATE.built` for the engine to report).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from vllm.lora.lora_model import LoRAModel
@@ -23,7 +26,7 @@ from vllm.lora.peft_helper import PEFTHelper
 
 from ttmm_vllm.merge import merge_experts
 from ttmm_vllm.vllm_plugin.protocol import RoutingSpec
-from ttmm_vllm.vllm_plugin.state import STATE, PluginState
+from ttmm_vllm.vllm_plugin.state import STATE, PluginState, library_key
 
 log = logging.getLogger("vllm.ttmm.worker_merge")  # a child of vLLM's logger: shown with its logs
 
@@ -42,8 +45,8 @@ def load_routing_adapter(worker_manager: Any, lora_request: Any, spec: RoutingSp
     if strategy == "off":
         raise ValueError("ttmm: in-worker merging is off (PluginConfig.worker_merge='off'); "
                          f"routing adapter {lora_request.lora_name!r} cannot be served")
-    bank = state.bank(lora_request.lora_path)
     if strategy == "mix":
+        bank = state.bank(lora_request.lora_path)
         if not state.mix_ops_active:
             raise ValueError("ttmm: 'mix' routing adapters need the plugin's LoRA ops "
                              "(PluginConfig.enabled=True on the CPU backend); use 'expand'")
@@ -53,12 +56,17 @@ def load_routing_adapter(worker_manager: Any, lora_request: Any, spec: RoutingSp
         # else: vLLM evicted this adapter from its cache and reloads it; a re-routing made
         # since (`ttmm_set_routing`) stays in force rather than reverting to the name's.
         return placeholder_adapter(lora_id, worker_manager._lora_model_cls)
-    merged = merge_experts(bank.expert_views(spec.expert_ids), spec.weights,
-                           rank_budget=worker_manager.lora_config.max_lora_rank)
+    cache = state.experts(lora_request.lora_path)
+    t0 = time.perf_counter()
+    experts = cache.get_many(spec.expert_ids)
+    merged = merge_experts(experts, spec.weights,
+                           rank_budget=worker_manager.lora_config.max_lora_rank,
+                           shared_a=cache.library.manifest.lora.shared_a)  # exact at r
+    merge_ms = (time.perf_counter() - t0) * 1e3
     if merged.rel_error > 0:
-        log.warning("ttmm: expand merge of %s has rank %d > max_lora_rank; compressed by SVD "
-                    "(relative error %.3g)", lora_request.lora_name,
-                    sum(bank.ranks[bank.index_of[e]] for e in spec.expert_ids), merged.rel_error)
+        log.debug("ttmm: expand merge of %s has rank %d > max_lora_rank; compressed "
+                  "(relative error %.3g)", lora_request.lora_name,
+                  sum(e.rank for e in experts), merged.rel_error)
     tensors = {}
     for name, (a, b) in merged.modules.items():
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a
@@ -71,7 +79,11 @@ def load_routing_adapter(worker_manager: Any, lora_request: Any, spec: RoutingSp
         dtype=worker_manager.lora_config.lora_dtype,
         model_vocab_size=worker_manager.vocab_size,
     )
-    state.note_ordinary(lora_id, merged.rank)
+    shared = cache.library.manifest.lora.shared_a
+    state.note_ordinary(lora_id, merged.rank,
+                        shared_a=library_key(lora_request.lora_path) if shared else None)
+    state.built[lora_id] = {"rank": merged.rank, "rel_error": merged.rel_error,
+                            "merge_ms": merge_ms}
     return lora
 
 
@@ -81,14 +93,3 @@ def placeholder_adapter(lora_id: int, cls: type[LoRAModel] = LoRAModel) -> LoRAM
 
     w = LoRALayerWeights(PLACEHOLDER_MODULE, 1, 1, torch.zeros(1, 1), torch.zeros(1, 1))
     return cls(lora_id, 1, {PLACEHOLDER_MODULE: w})
-
-
-def adapter_rank(lora: LoRAModel) -> int:
-    """The largest rank among an adapter's layers (its real rank in vLLM's slot buffers)."""
-    rank = 0
-    for w in lora.loras.values():
-        a = w.lora_a
-        for t in a if isinstance(a, list) else [a]:
-            if t is not None:
-                rank = max(rank, int(t.shape[0]))
-    return rank or int(lora.rank)
