@@ -13,8 +13,8 @@ of 10 random experts (random weights), greedy, fixed length:
 
 Decode and prefill are timed apart from per-token timestamps (DELTA outputs): decode tokens/s
 counts the tokens produced after every request has its first token, over that window.
-Admission is the time vLLM takes to build and register one request's adapter (in-worker: the
-merge), in ms and in base token times (one token for every request in flight: the base's
+Admission is the time vLLM takes to build and register one request's adapter (in-worker: read
+the request's experts, merge), in ms and in base token times (one token for every request in flight: the base's
 step time at this concurrency). Memory is the worker's resident set after the row.
 
 One base engine and one plugin engine serve every K (a routing adapter names its library;
@@ -73,7 +73,8 @@ def build_libraries(work: Path, model_dir: Path, k: int, distinct: int,
     j mod distinct's (a rank-16 SmolLM2 expert is 19.5 MB in fp32: K = 1024 distinct would be
     20 GB per library). Decode cost does not depend on what experts hold, only on how many
     distinct ones a batch touches, which the routings fix; admission then reads from the page
-    cache, which the report says."""
+    cache, which the report says. Each library is opened with its checksums verified, as
+    `ttmm serve` does at start, so admission reads verified experts (no hashing)."""
     import dataclasses
     import os
 
@@ -103,6 +104,7 @@ def build_libraries(work: Path, model_dir: Path, k: int, distinct: int,
 
             write_library(root, dataclasses.replace(lib.manifest, experts=tuple(experts)),
                           np.asarray(cent, np.float32) / np.linalg.norm(cent, axis=1)[:, None])
+        Library.open(root)  # verified as `ttmm serve` verifies at start (checksums remembered)
         out[name] = root
     return out
 
@@ -206,15 +208,15 @@ async def run_scale(args, model_dir: Path, work: Path, w) -> list[ScaleRow]:
                 for req in loras:
                     await plugin.remove_lora(req.lora_int_id)
             defaults = EngineConfig()
-            picked = choose(requested=defaults.worker_merge, shared_a=False, num_experts=k,
-                            expert_rank=RANK, concurrency=defaults.max_num_seqs,
-                            rank_budget=defaults.rank_budget, on_cpu=True)
-            src = next((r for r in rows if r.library_size == k and r.path == picked.worker_merge),
-                       None)
-            if src is None:
-                continue
-            rows.append(ScaleRow(**dict(asdict(src), path="default", resolved=src.path,
-                                        extra={"why": picked.why})))
+            for shared, label in ((False, "default"), (True, "default, shared-A library")):
+                picked = choose(requested=defaults.worker_merge, shared_a=shared,
+                                num_experts=k, expert_rank=RANK,
+                                rank_budget=defaults.rank_budget, on_cpu=True)
+                name = ("shared-A expand" if shared else picked.worker_merge)
+                src = next((r for r in rows if r.library_size == k and r.path == name), None)
+                if src is not None:
+                    rows.append(ScaleRow(**dict(asdict(src), path=label, resolved=src.path,
+                                                extra={"why": picked.why})))
             for lib in libs.values():
                 await plugin.collective_rpc("ttmm_forget_library", args=(str(lib),))
     finally:
@@ -232,7 +234,7 @@ def write_scale_report(out: Path, rows: list[ScaleRow], config: dict) -> None:
              "admission ms | admission (base tokens) | worker GB |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        path = f"default (= {r.resolved})" if r.path == "default" else r.path
+        path = f"{r.path} (= {r.resolved})" if r.path.startswith("default") else r.path
         lines.append(f"| {r.library_size} | {path} | {r.decode_tok_s:.1f} | "
                      f"{r.decode_ratio:.2f} | {r.total_ratio:.2f} | {r.admission_ms:.1f} | "
                      f"{r.admission_base_tokens:.2f} | {r.worker_rss_gb:.1f} |")
@@ -253,7 +255,7 @@ def write_scale_report(out: Path, rows: list[ScaleRow], config: dict) -> None:
     for path in (*PATHS, "default"):
         pts = sorted((r.library_size, r.decode_ratio) for r in rows if r.path == path)
         if pts:
-            style = dict(lw=3, color="k", alpha=0.35) if path == "default" else {}
+            style = dict(lw=3, color="k", alpha=0.35) if path == "default" else {}  # plain lib
             ax.plot(*zip(*pts, strict=True), marker="o", label=path, **style)
     ax.axhline(0.7, color="k", lw=0.6, ls="--")
     ax.axhline(0.8, color="k", lw=0.6, ls=":")

@@ -14,6 +14,7 @@ seconds. Random experts have flat spectra, so rank-16 errors are large (~0.75-0.
 libraries, whose experts share directions, lose far less (NOTES.md).
 
     .venv/bin/python -m benchmarks.merge_micro [--budget 16] [--repeats 5] [--ref-repeats 3]
+        [--threads 1,all] [--methods expand,reference,gram,randomized,shared,shares_a]
 
 Writes benchmarks/results/merge_micro/results.json and results.md (or --out).
 """
@@ -55,7 +56,7 @@ def make_experts(n: int, rank: int, *, shared: bool, seed: int = 0) -> list[Expe
                 if shared:
                     if name not in shared_as:
                         shared_as[name] = torch.randn(rank, din, generator=g) / din**0.5
-                    a = shared_as[name]
+                    a = shared_as[name].clone()  # distinct tensors, as read from disk
                 else:
                     a = torch.randn(rank, din, generator=g) / din**0.5
                 mods[name] = (a, 0.01 * torch.randn(dout, rank, generator=g))
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref-repeats", type=int, default=3,
                    help="repeats of the float64 reference (seconds a request; no warm-up)")
     p.add_argument("--threads", default="1,all", help="comma list of counts or 'all'")
+    p.add_argument("--methods", default="all",
+                   help="comma list of expand,reference,gram,randomized,shared,shares_a")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
 
@@ -94,21 +97,25 @@ def main(argv: list[str] | None = None) -> None:
     shared = make_experts(args.experts, args.rank, shared=True)
     w = np.random.default_rng(0).dirichlet(np.ones(args.experts)).tolist()
     b = args.budget
-    cases = [  # (row, experts, callable, repeats, warm-ups)
-        ("exact-expand (no compression)", experts, lambda: merge_experts(experts, w),
-         args.repeats, 1),
-        ("compress (float64 reference)", experts,
-         lambda: merge_experts(experts, w, b, method="reference"), args.ref_repeats, 0),
-        ("gram (float32, batched)", experts, lambda: merge_experts(experts, w, b, method="gram"),
-         args.repeats, 1),
-        ("randomized (p=8, q=2)", experts,
-         lambda: merge_experts(experts, w, b, method="randomized"), args.repeats, 1),
-        ("shared-A exact", shared, lambda: merge_experts(shared, w, b, shared_a=True),
-         args.repeats, 1),
-        ("shares_a check", shared, lambda: shares_a(shared), args.repeats, 1),
-    ]
+    cases = {  # key: (row, callable, repeats, warm-ups)
+        "expand": ("exact-expand (no compression)", lambda: merge_experts(experts, w),
+                   args.repeats, 1),
+        "reference": ("compress (float64 reference)",
+                      lambda: merge_experts(experts, w, b, method="reference"),
+                      args.ref_repeats, 0),
+        "gram": ("gram (float32, batched)",
+                 lambda: merge_experts(experts, w, b, method="gram"), args.repeats, 1),
+        "randomized": ("randomized (p=8, q=2)",
+                       lambda: merge_experts(experts, w, b, method="randomized"),
+                       args.repeats, 1),
+        "shared": ("shared-A exact", lambda: merge_experts(shared, w, b, shared_a=True),
+                   args.repeats, 1),
+        "shares_a": ("shares_a check", lambda: shares_a(shared), args.repeats, 1),
+    }
+    keys = list(cases) if args.methods == "all" else args.methods.split(",")
     rows = []
-    for name, _, fn, repeats, warmup in cases:
+    for key in keys:
+        name, fn, repeats, warmup = cases[key]
         row = {"method": name, "ms": {}}
         for t in threads:
             torch.set_num_threads(t)
@@ -119,9 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         row["repeats"] = repeats
         rows.append(row)
         ms = " / ".join(f"{row['ms'][str(t)]:.1f}" for t in threads)
-        print(f"{name:32s} ms per request ({'/'.join(map(str, threads))} threads): {ms:>18s}"
-              f"   rank {row.get('rank', '-')}  rel_error {row.get('rel_error', float('nan')):.4f}",
-              flush=True)
+        err = f"{row['rel_error']:.4f}" if "rel_error" in row else "-"
+        print(f"{name:32s} ms per request ({'/'.join(map(str, threads))} threads): {ms:>16s}"
+              f"   rank {row.get('rank', '-')}  rel_error {err}", flush=True)
     torch.set_num_threads(all_threads)
 
     out = Path(args.out)

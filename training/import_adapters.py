@@ -459,6 +459,8 @@ def import_adapter(library: str | os.PathLike | Library, adapter: str | os.PathL
     if info.rank > lib.limits.max_rank:
         raise _refuse(src, f"rank {info.rank} exceeds {lib.limits.max_rank}, the largest "
                            "LoRA rank vLLM serves")
+    if m.lora.shared_a:
+        _check_shared_a(lib, src)
     title = title if title is not None else src.name
     texts = list(samples or ())
     title_as_sample = not texts
@@ -495,6 +497,27 @@ def import_adapter(library: str | os.PathLike | Library, adapter: str | os.PathL
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return Imported(entry, info, len(samples or ()), pending, nearest, title_as_sample)
+
+
+def _check_shared_a(lib: Library, src: Path) -> None:
+    """A shared-A library merges B alone (every expert's A per module is the same): an adapter
+    joins only with exactly that A (one trained by `ttmm build --shared-a` on this base)."""
+    import torch
+
+    from ttmm_vllm.library import read_adapter
+
+    active = lib.manifest.active_experts
+    if not active:
+        return
+    ref = lib.read_expert(active[0].id)
+    new = read_adapter(src)
+    for mod, (a, _) in sorted(new.modules.items()):
+        want = ref.modules.get(mod)
+        if want is None or want[0].shape != a.shape or not torch.equal(want[0], a.to(
+                want[0].dtype)):
+            raise _refuse(src, f"this library's experts share one lora_A per module "
+                               f"(shared_a) and the adapter's {mod} has its own: import it "
+                               "into a library without shared A")
 
 
 def _copy_adapter(src: Path, dest: Path) -> None:

@@ -120,13 +120,17 @@ def test_library_size_smoke_reports_every_path(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
     got = {(r["path"], r["library_size"]) for r in rows}
+    defaults = {("default", 4), ("default, shared-A library", 4),
+                ("default", 32), ("default, shared-A library", 32)}
     assert got == {("base", 4), ("mix", 4), ("expand", 4), ("shared-A expand", 4),
-                   ("default", 4), ("base", 32), ("expand", 32), ("shared-A expand", 32),
-                   ("default", 32)}  # mix at K=32 is over --mix-max-rank: skipped
+                   ("base", 32), ("expand", 32), ("shared-A expand", 32)} | defaults
+    # (mix at K=32 is over --mix-max-rank: skipped)
     for r in rows:
         assert _finite(r["decode_tok_s"], r["decode_ratio"]) and r["decode_tok_s"] > 0
         if r["path"] == "default":
-            assert r["resolved"] in ("mix", "expand")
+            assert r["resolved"] == ("mix" if r["library_size"] * 16 <= 256 else "expand")
+        if r["path"] == "default, shared-A library":
+            assert r["resolved"] == "shared-A expand"
     built = {(r["path"], r["library_size"]): r["extra"]["built"] for r in rows
              if r["path"] in ("expand", "shared-A expand")}
     assert built[("expand", 32)]["rank"] == 16 and built[("expand", 32)]["rel_error"] > 0.1

@@ -68,6 +68,14 @@ def test_canonical_routing_is_shared_after_rounding():
     assert a.canonical().weights == b.canonical().weights
 
 
+def test_canonical_drops_experts_whose_weight_rounds_to_zero():
+    r = decide(np.arange(3), np.array([0.9, 0.8, 0.1]), RoutingParams(beta=0.03, tau=0))
+    assert min(r.weights) < 5e-7  # the third expert's softmax weight is ~1e-12
+    c = r.canonical()
+    assert c.expert_ids == (0, 1) and all(w > 0 for w in c.weights)
+    assert sum(c.weights) == pytest.approx(1.0)
+
+
 def test_index_add_remove_and_filter():
     cent = _random_centroids(8, 8, 3)
     index = CentroidIndex(cent[:6], ids=range(6))

@@ -244,8 +244,6 @@ def test_routed_weights_sum_to_one_within_max_active(service, loop, topic, beta,
     assert _top(p.routing) == EXPERT[topic] or mode == Mode.UNIFORM
 
 
-@pytest.mark.xfail(strict=True, reason="Routing.canonical() keeps an expert whose weight "
-                   "rounds to 0 (routing/router.py): it is served, merged and keyed with 0")
 def test_no_served_expert_has_weight_zero(service, loop):
     # cooking's centroid is far nearer than the others: at a low beta the runner-up's weight
     # is ~1e-8, which rounds to 0.0 at 6 decimals

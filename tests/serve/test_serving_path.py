@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from ttmm_vllm.serve.serving_path import LORA_RANKS, allowed_rank, choose
 
-CPU = dict(on_cpu=True, concurrency=32, rank_budget=None, expert_rank=16)
+CPU = dict(on_cpu=True, rank_budget=None, expert_rank=16)
 
 
 def test_shared_a_libraries_get_exact_rank_r_slots_at_any_size():
@@ -16,10 +16,12 @@ def test_shared_a_libraries_get_exact_rank_r_slots_at_any_size():
 
 
 def test_small_libraries_mix_large_ones_get_rank_budget_slots():
-    assert choose(requested="auto", shared_a=False, num_experts=32, **CPU).worker_merge == "mix"
-    big = choose(requested="auto", shared_a=False, num_experts=33, **CPU)
+    assert choose(requested="auto", shared_a=False, num_experts=16, **CPU).worker_merge == "mix"
+    big = choose(requested="auto", shared_a=False, num_experts=17, **CPU)
     assert (big.worker_merge, big.max_lora_rank) == ("expand", 16)
-    assert "33 x 16 > 32 requests" in big.why
+    assert "17 x 16 > 256" in big.why
+    assert choose(requested="auto", shared_a=False, num_experts=17, mix_max_rank=512,
+                  **CPU).worker_merge == "mix"
     wide = choose(requested="auto", shared_a=False, num_experts=1024,
                   **dict(CPU, rank_budget=32))
     assert (wide.worker_merge, wide.max_lora_rank) == ("expand", 32)

@@ -455,3 +455,21 @@ def test_expert_cli_refusals_are_one_line(byo_door, capsys):
     assert main(["expert", "list", "--target", "127.0.0.1:1", "--timeout", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("cannot reach 127.0.0.1:1" in err[0] or "DEADLINE" in err[0])
+
+
+def test_libraries_built_by_ttmm_validate_and_take_imports_unless_their_a_is_shared(
+        tmp_path, tiny_model_dir, tiny_embedder_dir, corpus, adapters, samples):
+    from ttmm_vllm import testing as tiny
+
+    texts = read_samples(samples["music"])
+    for shared in (False, True):
+        lib = tiny.build_random_library(tmp_path / f"shared-{shared}", tiny_model_dir,
+                                        tiny_embedder_dir, docs=corpus, shared_a=shared)
+        assert validate_library(lib)[0] == []
+        if shared:
+            with pytest.raises(AdapterRefused, match="share one lora_A per module"):
+                import_adapter(lib, adapters["music"], samples=texts)
+        else:
+            done = import_adapter(lib, adapters["music"], samples=texts, title="music 2")
+            assert done.info.id == 4 and done.nearest[1] == "music"
+            assert validate_library(lib)[0] == []

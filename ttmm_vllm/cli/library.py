@@ -91,6 +91,8 @@ def add_parser(sub) -> None:
                    help="sparsity thresholds tried, each < 1/K (default: %(default)s)")
     t.add_argument("--active-counts", type=int, nargs="+", metavar="N", default=[1, 3, 10],
                    help="max_active values tried (default: %(default)s)")
+    t.add_argument("--max-tokens", type=int, default=1024, metavar="N",
+                   help="tokens of each sample scored at most (default: %(default)s)")
     t.add_argument("--dry-run", action="store_true", help="report, do not write the manifest")
     t.add_argument("--json", metavar="FILE", help="also write the report (with the grid) here")
     t.add_argument("--base-model", metavar="MODEL",
@@ -194,7 +196,8 @@ def run_tune(args: argparse.Namespace) -> int:
         samples = parse_tune_samples(lib, args.samples)
         r = tune_library(lib, samples, base_model=args.base_model,
                          embedder_path=args.embedder, betas=args.betas, taus=args.taus,
-                         active_counts=args.active_counts, write=not args.dry_run)
+                         active_counts=args.active_counts, max_tokens=args.max_tokens,
+                         write=not args.dry_run)
     except _user_errors() as e:
         return _fail("tune", e)
     titles = lib.titles()

@@ -27,6 +27,52 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+DIGESTS = ".ttmm-digests.json"
+
+
+def _digest_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def known_digest(path: str | os.PathLike) -> str | None:
+    """The sha256 remembered for a file as it is now (same name, size and mtime), if any."""
+    path = Path(path)
+    try:
+        cache = json.loads((path.parent / DIGESTS).read_text())
+        got = cache.get(_digest_key(path)) if isinstance(cache, dict) else None
+    except (OSError, ValueError):
+        return None
+    return got if isinstance(got, str) else None
+
+
+def remember_digest(path: str | os.PathLike, digest: str) -> None:
+    """Remember a file's verified sha256 beside it (`.ttmm-digests.json`, keyed by name, size
+    and mtime) so the next check costs a stat, not a pass over its bytes. A folder that
+    cannot be written just verifies again next time."""
+    path = Path(path)
+    cache_file = path.parent / DIGESTS
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    cache = {k: v for k, v in cache.items() if not k.startswith(f"{path.name}:")}
+    cache[_digest_key(path)] = digest
+    with contextlib.suppress(OSError):
+        atomic_write_json(cache_file, cache)
+
+
+def sha256_cached(path: str | os.PathLike) -> str:
+    """sha256 of a file, remembered beside it: hashed again only when the file changed."""
+    digest = known_digest(path)
+    if digest is None:
+        digest = sha256_file(path)
+        remember_digest(path, digest)
+    return digest
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same directory and rename: readers never see half."""
     path = Path(path)
@@ -72,22 +118,8 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         raise LibraryError(f"{model_dir} has no *.safetensors weights")
-    cache_file = model_dir / ".ttmm-digests.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    changed = False
     for w in weights:
-        st = w.stat()
-        key = f"{w.name}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in cache:
-            cache[key] = sha256_file(w)
-            changed = True
         h.update(w.name.encode())
-        h.update(cache[key].encode())
-    if changed:
-        with contextlib.suppress(OSError):  # a read-only model folder: hash again next time
-            atomic_write_json(cache_file, cache)
+        h.update(sha256_cached(w).encode())
     return h.hexdigest()[:16]
 

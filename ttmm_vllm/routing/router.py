@@ -92,10 +92,13 @@ class Routing:
 
     def canonical(self, decimals: int = 6) -> Routing:
         """The routing with weights rounded as in `key` and renormalised: what is served, so
-        every request sharing an adapter gets exactly the same weights."""
+        every request sharing an adapter gets exactly the same weights. An expert whose
+        weight rounds to 0 is dropped (it would be merged, shown and keyed for nothing)."""
         if self.is_base:
             return self
-        pairs = self.key(decimals)
+        pairs = [(i, w) for i, w in self.key(decimals) if w > 0]  # 0 after rounding: dropped
+        if not pairs:  # every weight rounded to 0 (decimals too few): keep the largest
+            pairs = [max(zip(self.expert_ids, self.weights, strict=True), key=lambda p: p[1])]
         ws = np.asarray([w for _, w in pairs], dtype=np.float64)
         ws = ws / ws.sum()
         sims = dict(zip(self.expert_ids, self.similarities, strict=False))

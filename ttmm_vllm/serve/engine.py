@@ -86,7 +86,7 @@ class Engine:
         try:
             path = choose(requested=c.worker_merge, shared_a=self.shared_a,
                           num_experts=len(m.active_experts), expert_rank=rank,
-                          concurrency=c.max_num_seqs, rank_budget=c.rank_budget,
+                          rank_budget=c.rank_budget,
                           on_cpu=on_cpu, dtype=c.dtype, plugin_ops=c.plugin_ops)
         except ValueError as e:
             raise EngineError(f"cannot serve this library this way: {e}") from e
@@ -147,6 +147,10 @@ class Engine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         args = AsyncEngineArgs(**self._engine_kwargs())
+        if _on_cpu():  # the worker's thread layout for this machine (serve/cpu_layout.py)
+            from ttmm_vllm.serve.cpu_layout import apply_cpu_layout
+
+            apply_cpu_layout()
         self.llm = AsyncLLM.from_engine_args(args)
 
     async def shutdown(self) -> None:

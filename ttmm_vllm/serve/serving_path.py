@@ -1,20 +1,34 @@
 """Which way a library's merges are served: the cost model behind `--worker-merge auto`.
 
 A decode step with S requests in flight, each with its own routing over K experts of rank r,
-reads per LoRA projection (in -> out):
+computes per token and LoRA projection (in -> out), and reads per step:
 
     mix (all experts resident, one product over the union U of the batch's experts):
-        |U| * r * (in + out)          with |U| <= min(K, S * max_active)
-    slots (each request's merge as one adapter of rank b in vLLM's slots):
-        S * b * (in + out)            (shared-A experts: S * r * out + r * in, and b = r)
+        |U| * r * (in + out) multiply-adds per token, |U| <= min(K, S * max_active);
+        exact, and nothing to build per request
+    slots (each request's merge as one adapter of rank b in vLLM's slots, all slots in one
+    batched product: ops.batched_lora_linear):
+        b * (in + out) per token, and S * b * (in + out) weights read per step
+        (shared-A experts: one shrink for every slot, ops.shared_a_lora_linear, and b = r)
 
-Slots cost does not depend on K; mix grows with the union, up to the whole library. So:
+Slots cost does not depend on K; mix grows with the union. Measured on SmolLM2-135M with 32
+concurrent requests, 10 random rank-16 experts each (benchmarks/results/lora_throughput/
+scale.md: `python -m benchmarks.lora_throughput --library-size 16 64 256 1024`), decode
+throughput as a ratio to the base model:
+
+    K                         16     64     256    1024
+    mix                       0.56   0.25   0.08   (bank of 20 GB: not run)
+    slots, compressed to 16   0.65   0.65   0.50   0.72
+    slots, shared-A (exact)   0.74   0.70   0.64   0.84
+
+(one run; the machine is shared and runs differ by about 0.1). So:
 
 - shared-A libraries (`LoraSpec.shared_a`): slots ("expand") at rank r, always. The merge
   (sum_k w_k s_k B_k) A is exact at rank r and costs one weighted sum of B's at admission.
-- other libraries: "mix" while the whole library's rank K * r is at most S * b (the union can
-  never cost more than the slots would), "expand" compressed to rank b above it (its error
-  is reported per request as `compression_error`).
+- other libraries: "mix" while the whole library is small (K * r <= MIX_MAX_RANK: exact, and
+  within about 0.1 of compressed slots), "expand" compressed to rank b above it (its error is
+  reported per request as `compression_error`; admission computes the optimal rank-b
+  approximation, about 0.5 s per request on SmolLM2).
 - GPUs: the plugin's ops are CPU-only, so always "expand" through vLLM's own LoRA kernels
   (bf16/fp16: vLLM's Triton kernels take nothing else).
 
@@ -24,6 +38,9 @@ Pure: the engine calls `choose` with what it knows; tests call it with numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# Above this total library rank (K * r), "auto" serves ordinary libraries from slots, not mix.
+MIX_MAX_RANK = 256
 
 # vLLM accepts only these max_lora_rank values.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -49,8 +66,8 @@ class ServingPath:
 
 
 def choose(*, requested: str, shared_a: bool, num_experts: int, expert_rank: int,
-           concurrency: int, rank_budget: int | None, on_cpu: bool, dtype: str = "auto",
-           plugin_ops: bool = True) -> ServingPath:
+           rank_budget: int | None, on_cpu: bool, dtype: str = "auto",
+           plugin_ops: bool = True, mix_max_rank: int = MIX_MAX_RANK) -> ServingPath:
     """The serving path for a library (see the module docstring for the cost model).
 
     requested: "auto", "mix" or "expand" (`--worker-merge`); rank_budget: the slot rank b for
@@ -79,12 +96,12 @@ def choose(*, requested: str, shared_a: bool, num_experts: int, expert_rank: int
         return ServingPath("expand", allowed_rank(expert_rank), dtype, plugin_ops,
                            f"shared-A experts: exact merges at rank {expert_rank} in slots")
     if requested == "mix" or (requested == "auto" and on_cpu and plugin_ops
-                              and num_experts * expert_rank <= concurrency * budget):
+                              and num_experts * expert_rank <= mix_max_rank):
         why = ("mix requested" if requested == "mix" else
-               f"library rank {num_experts} x {expert_rank} <= {concurrency} requests x "
-               f"rank {budget}: mixing the resident library costs no more than slots")
+               f"library rank {num_experts} x {expert_rank} <= {mix_max_rank}: the resident "
+               "library mixed per token (exact)")
         return ServingPath("mix", allowed_rank(expert_rank), dtype, plugin_ops, why)
     why = ("expand requested" if requested == "expand" else
-           f"library rank {num_experts} x {expert_rank} > {concurrency} requests x rank "
-           f"{budget}: per-request merges at rank {budget} (compressed when larger)")
+           f"library rank {num_experts} x {expert_rank} > {mix_max_rank}: per-request merges "
+           f"in slots at rank {budget} (compressed when larger)")
     return ServingPath("expand", allowed_rank(budget), dtype, plugin_ops, why)
