@@ -321,6 +321,17 @@ def summarise(runs: list[dict], names: list[str]) -> list[dict]:
     return rows
 
 
+def _rounded(obj):
+    """Floats to 4 significant digits (the measurements are not more precise than that)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.4g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
 def _f(x, d=1) -> str:
     return "-" if x is None else f"{x:.{d}f}"
 
@@ -331,8 +342,10 @@ def _cpu_cell(c) -> str:
 
 def write_report(out: Path, config: dict, runs: list[dict], rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(
-        {"config": config, "summary": rows, "runs": runs}, indent=1) + "\n")
+    # summary indented, one line per engine run: small enough to commit
+    text = json.dumps({"config": config, "summary": _rounded(rows)}, indent=1)[:-2]
+    text += ',\n "runs": [\n  ' + ",\n  ".join(json.dumps(_rounded(r)) for r in runs)
+    (out / "results.json").write_text(text + "\n ]\n}\n")
     w = config["workload"]
     lines = [
         "# vLLM-CPU thread layouts: base-model decode tokens/s",
@@ -367,6 +380,8 @@ def write_report(out: Path, config: dict, runs: list[dict], rows: list[dict]) ->
               f"{', '.join(CONTROLLED)} removed):", ""]
     for lay in config["layouts"]:
         lines.append(f"- `{lay['name']}`: {lay['what']}; `{lay['env'] or 'nothing set'}`")
+    lines += ["", "What `ttmm serve` picks from this, and why: ttmm_vllm/serve/cpu_layout.py "
+              "(`TTMM_CPU_LAYOUT=vllm` or any VLLM_CPU_* layout variable overrides it)."]
     errors = [r for r in runs if "error" in r["result"]]
     if errors:
         lines += ["", "Failed engines: " + ", ".join(
@@ -439,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         import vllm
 
         config = {
-            "command": "python -m benchmarks.cpu_layout " + " ".join(argv),
+            "command": " ".join(["python -m benchmarks.cpu_layout", *argv]),
             "model": model, "model_name": "tiny-llama" if args.smoke else Path(model).name,
             "workload": asdict(w), "rounds": rounds, "cpus": ncpu,
             "machine": platform.processor() or platform.machine(),

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> dict:
             client.wait_ready(60)
             worst = 0.0
             for prompt in prompts:
-                r = client.generate(prompt, max_tokens=args.tokens, timeout=600)
+                over = {"beta": args.beta, "tau": args.tau} if args.beta else {}
+                r = client.generate(prompt, max_tokens=args.tokens, timeout=600, **over)
                 ids = [e.expert_id for e in r.routing.experts]
                 ws = [e.weight for e in r.routing.experts]
                 prompt_ids = reference.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -167,12 +168,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="vLLM's stock LoRA ops (the GPU path's proxy on a CPU)")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPUs, float32 on CPUs")
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--beta", type=float, default=None,
+                   help="routing temperature override (--smoke: 1.0 with tau 0, so every "
+                   "prompt merges several experts)")
+    p.add_argument("--tau", type=float, default=None)
     p.add_argument("--tol", type=float, default=None,
                    help="largest allowed |logprob - PEFT| (default 5e-2 bf16/fp16, 1e-3 fp32)")
     p.add_argument("--out", default="results/gpu_smoke")
     args = p.parse_args(argv)
     if not args.smoke and not args.library:
         p.error("--library is required (or --smoke)")
+    if args.smoke and args.beta is None:
+        args.beta, args.tau = 1.0, 0.0
     offline_env()
     out = run(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -137,3 +137,23 @@ def test_library_size_smoke_reports_every_path(tmp_path):
     assert built[("shared-A expand", 32)] == dict(built[("shared-A expand", 32)], rank=16,
                                                   rel_error=0.0)
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_smoke_runs_the_gpu_path_on_vllm_stock_ops(tmp_path):
+    """The GPU path's code (merges built in the worker as ordinary adapters, served by vLLM's
+    own LoRA ops, no plugin op) through `serve.start`, against transformers + PEFT."""
+    env = dict(os.environ, **OFFLINE_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_smoke", "--smoke", "--no-plugin-ops", "--out",
+         str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["passed"] and res["max_logprob_diff"] <= 1e-3
+    assert res["serving_path"]["worker_merge"] == "expand"
+    assert not res["serving_path"]["plugin_ops"]
+    assert all(len(p["experts"]) > 1 and p["merged_rank"] == 4 and p["compression_error"] == 0
+               for p in res["prompts"])
+    assert _finite(res["throughput"]["ratio"]) and res["throughput"]["ratio"] > 0

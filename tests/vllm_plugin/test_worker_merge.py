@@ -164,7 +164,10 @@ def stock_results(loop, tiny_model_dir, tiny_library, shared_library, disk_adapt
         jobs = _jobs(prompt_ids, tiny_library, disk_adapters, kinds=("expand",))
         results.update(loop.run(_run_batch(llm, jobs)))
         for kind in ("shared-disk", "shared-expand"):  # the GPU path's code: stock ops
-            jobs = _jobs(prompt_ids, tiny_library, disk_adapters, (kind,), shared_library)
+            # No base requests here: with more adapters than slots loaded by now, the stock
+            # op's -1 -> last-slot bug would reach them (the base rows come from above).
+            jobs = {k: v for k, v in _jobs(prompt_ids, tiny_library, disk_adapters, (kind,),
+                                           shared_library).items() if k[0] != "base"}
             results.update(loop.run(_run_batch(llm, jobs)))
         mix = routing_request(99, str(tiny_library), [0], [1.0], strategy="mix")
         try:
@@ -193,7 +196,8 @@ def plugin_results(loop, plugin_llm, tiny_library, shared_library, disk_adapters
                                                   for p, ids in enumerate(prompt_ids)}))
     jobs = _jobs(prompt_ids, tiny_library, disk_adapters, kinds=("disk", "expand", "mix"))
     results = loop.run(_run_batch(plugin_llm, jobs))
-    jobs = _jobs(prompt_ids, tiny_library, disk_adapters, ("shared-expand",), shared_library)
+    jobs = {k: v for k, v in _jobs(prompt_ids, tiny_library, disk_adapters, ("shared-expand",),
+                                   shared_library).items() if k[0] != "base"}
     results.update(loop.run(_run_batch(plugin_llm, jobs)))
     return base_alone, results
 

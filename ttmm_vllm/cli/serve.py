@@ -9,10 +9,13 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from ttmm_vllm.serve.grpc_server import ServerConfig
+
+    d = ServerConfig()  # defaults come from the config the flags fill, so they cannot drift
     p = sub.add_parser("serve", help="serve an expert library over gRPC")
     p.add_argument("--library", required=True, help="expert library directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (default: %(default)s)")
+    p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port (default: %(default)s)")
     p.add_argument("--http-port", type=int,
                    help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
                    "/v1/chat/completions, /v1/models, /health, /metrics) on this port, with "
@@ -28,31 +31,26 @@ def add_parser(sub) -> None:
                    "libraries; 'mix' of the resident library while it is small; per-request "
                    "merges compressed to --rank-budget beyond); 'mix' (CPU only) or 'expand' "
                    "(default: %(default)s)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                   default="auto", help="model and adapter dtype: 'auto' is float32 on the "
-                   "CPU, bfloat16 on GPUs (default: %(default)s)")
     p.add_argument("--no-plugin-ops", action="store_true", help="use vLLM's stock LoRA ops")
-    p.add_argument("--rank-budget", type=int, help="compress merged adapters above this rank")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-loras", type=int, default=32)
-    p.add_argument("--idle-adapters", type=int, default=32)
-    p.add_argument("--kv-cache-gib", type=float, default=2.0)
-    p.add_argument("--max-inflight", type=int, default=256,
-                   help="admitted requests; beyond them RESOURCE_EXHAUSTED")
+    add_engine_flags(p)
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight,
+                   help="admitted requests; beyond them RESOURCE_EXHAUSTED (default: "
+                   "%(default)s)")
     p.add_argument("--max-inflight-per-client", type=int,
                    help="admitted requests per authenticated client (token identity or "
                    "certificate subject); default: half of --max-inflight")
-    p.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help="largest request message (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, help="Prometheus endpoint (0: any free port)")
-    p.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
+    p.add_argument("--grace", type=float, default=d.grace_s,
+                   help="drain seconds on SIGTERM (default: %(default)s)")
     p.add_argument("--reroute-every", type=int, default=0,
                    help="re-route routed requests after every N generated tokens unless they "
                    "set routing.reroute_every (0: route once, from the prompt)")
     p.add_argument("--auth", help="JSON file: {\"tokens\": {token: identity}, \"admin_tokens\": "
                    "[...], \"client_groups\": {identity: [group, ...]}}")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
+    p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; with --tls-key)")
+    p.add_argument("--tls-key", help="the certificate's private key (PEM)")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     r = p.add_argument_group("Ray Serve (pip install 'ttmm-vllm[ray]'; ttmm_vllm/serve/ray_serve.py)")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -73,6 +71,59 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def add_engine_flags(p) -> None:
+    """vLLM's engine flags, named as `vllm serve` names them; defaults read from EngineConfig
+    (the one place they are set), so help and code cannot drift."""
+    from ttmm_vllm.serve.engine_api import EngineConfig
+
+    d = EngineConfig()
+    g = p.add_argument_group("engine (vLLM's flags)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   default=d.dtype, help="model and adapter dtype: 'auto' is float32 on the "
+                   "CPU, bfloat16 on GPUs (default: %(default)s)")
+    g.add_argument("--max-lora-rank", "--rank-budget", dest="rank_budget", type=int,
+                   default=d.rank_budget, help="rank of a request's merged adapter in vLLM's "
+                   "slots; larger merges are compressed to it (default: the experts' rank)")
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                   help="context length (default: %(default)s)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="requests in one batch (default: %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens in one step (default: vLLM's)")
+    g.add_argument("--max-loras", type=int, default=d.max_loras,
+                   help="distinct merged adapters in one step (default: %(default)s)")
+    g.add_argument("--idle-adapters", type=int, default=d.idle_adapters,
+                   help="merged adapters kept registered while unused (default: %(default)s)")
+    g.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_bytes / (1 << 30),
+                   help="KV cache size in GiB (default: %(default)s)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="fraction of GPU memory vLLM may use (GPUs; default: vLLM's)")
+    g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+                   help="GPUs per engine (default: %(default)s)")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
+                   default=d.enforce_eager, help="no CUDA graphs (default: %(default)s)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=d.enable_prefix_caching, help="default: %(default)s")
+    g.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    g.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other vLLM engine argument (AsyncEngineArgs field; VALUE parsed "
+                   "as JSON when it is JSON, e.g. --engine-arg swap_space=4); repeatable")
+
+
+def engine_args(pairs: list[str]) -> dict:
+    """--engine-arg KEY=VALUE pairs -> a dict (VALUE as JSON when it parses)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-arg {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 def configs(args: argparse.Namespace):
     from ttmm_vllm.serve.engine_api import EngineConfig
     from ttmm_vllm.serve.grpc_server import ServerConfig
@@ -81,8 +132,13 @@ def configs(args: argparse.Namespace):
         merge_path=args.merge_path, worker_merge=args.worker_merge,
         plugin_ops=not args.no_plugin_ops, rank_budget=args.rank_budget, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_loras=args.max_loras, idle_adapters=args.idle_adapters,
-        kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)))
+        kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        engine_args=engine_args(args.engine_arg))
     auth = load_auth(args.auth) if args.auth else {}
     # ServerConfig checks the auth values' types (no string where a list belongs, no empty
     # token) and the TLS flags, with a one-line ValueError

@@ -6,7 +6,7 @@ NUMA node (one per physical core) minus `VLLM_CPU_NUM_OF_RESERVED_CPU`, which de
 per worker: the reserved CPU is left to the EngineCore (the scheduler, which busy-waits on the
 shared-memory queue with `sched_yield` for a second after each message). On a 2-CPU machine
 that halves the compute: the worker runs one thread on CPU 0, and the EngineCore burns the
-other CPU at ~100% (a third of it system time) mostly spinning.
+other CPU at ~100% (over a quarter of it system time), mostly spinning.
 
 Measured on this 2-CPU machine (AMD EPYC, SmolLM2-135M fp32, enforce_eager, no LoRA, base
 model; decode tokens/s, mean of 2 fresh engines x 2 trials, interleaved; ratio to the default

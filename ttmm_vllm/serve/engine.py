@@ -118,8 +118,13 @@ class Engine:
         if c.max_num_batched_tokens:
             kw["max_num_batched_tokens"] = c.max_num_batched_tokens
         kw["max_lora_rank"] = self.path.max_lora_rank
+        if c.gpu_memory_utilization is not None:
+            kw["gpu_memory_utilization"] = c.gpu_memory_utilization
+        if c.tensor_parallel_size != 1:
+            kw["tensor_parallel_size"] = c.tensor_parallel_size
         plugin_kw = self._plugin_kwargs(kw)
         kw.update(plugin_kw)
+        kw.update(c.engine_args)  # the user's pass-through, last
         return kw
 
     def _plugin_kwargs(self, kw: dict) -> dict:

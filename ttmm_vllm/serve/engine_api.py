@@ -7,7 +7,7 @@ Two engines implement it: `engine.Engine` (vLLM in this process) and `ray_serve.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,6 +44,11 @@ class EngineConfig:
     scratch_dir: str | None = None
     seed: int = 0
     enable_prefix_caching: bool = True
+    # GPUs: the fraction of GPU memory vLLM may use (None: vLLM's default), GPUs per engine.
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    # Any other vLLM engine argument (AsyncEngineArgs field -> value), applied last.
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.merge_path not in ("worker", "disk"):
