@@ -150,7 +150,7 @@ def worker_rss_gb() -> float:
 async def run_scale(args, model_dir: Path, work: Path, w) -> list[ScaleRow]:
     from transformers import AutoConfig
 
-    from benchmarks.lora_throughput import EngineSpec, start_engine
+    from benchmarks.engines import EngineSpec, start_engine
     from ttmm_vllm.serve.engine_api import EngineConfig
     from ttmm_vllm.serve.serving_path import choose
     from ttmm_vllm.vllm_plugin.config import routing_request

@@ -40,6 +40,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.engines import EngineSpec, start_engine
 from ttmm_vllm.home import offline_env
 
 DEFAULT_MODEL = Path("~/.cache/ttmm/models/SmolLM2-135M-Instruct").expanduser()
@@ -53,15 +54,6 @@ class Row:
     engine: str  # key of ENGINES
     kind: str  # "none" | "static" | "disk" | "expand" | "mix"
     active: int = 0  # experts merged per request
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    lora: bool = True
-    plugin: bool = True
-    max_loras: int = 32
-    max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
 
 
 # Rank-expanded merges of 10 rank-16 experts need max_lora_rank 256: vLLM keeps every slot's
@@ -161,27 +153,6 @@ def write_disk_merges(lib_root: Path, out: Path, rts) -> tuple[list[str], float]
 
 
 # --------------------------------------------------------------------------- engine
-
-
-def start_engine(model_dir: Path, spec: EngineSpec, lib_root: Path | None, kv_bytes: int):
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from ttmm_vllm.vllm_plugin.config import PluginConfig, engine_kwargs
-
-    kw = dict(model=str(model_dir), tokenizer=str(model_dir), dtype="float32",
-              enforce_eager=True, max_model_len=512, max_num_seqs=32, seed=0,
-              # The stock op gathers a (tokens, out, max_lora_rank) tensor: at rank 256 a
-              # 2048-token prefill step would need 3.2 GB for gate_up alone. Same cap for all.
-              max_num_batched_tokens=1024,
-              enable_prefix_caching=False, kv_cache_memory_bytes=kv_bytes,
-              disable_log_stats=True)
-    if spec.lora:
-        pc = PluginConfig(enabled=spec.plugin,
-                          library=str(lib_root) if spec.plugin and lib_root else None)
-        kw.update(engine_kwargs(pc, max_loras=spec.max_loras, max_lora_rank=spec.max_lora_rank,
-                                max_cpu_loras=spec.max_cpu_loras or 2 * 32 + spec.max_loras))
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
 
 async def generate(llm, prompt: list[int], new_tokens: int, lora) -> tuple[int, float]:

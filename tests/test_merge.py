@@ -353,3 +353,39 @@ def test_merge_pads_rank_deficient_modules_to_the_budget():
         assert merged.rel_error == pytest.approx(0.0, abs=1e-6)
         torch.testing.assert_close(b @ a, dense_delta(ex, [0.3, 0.3, 0.4])["m.q"],
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_compression_reads_the_experts_like_rank_expand(dtype):
+    # merge_experts streams the rank-expanded factors from the experts (no materialised A*, B*);
+    # it must see exactly what rank_expand builds, missing modules included
+    ex = _experts(4, [3, 5], dtype=torch.float32, modules=("m.q", "m.v", "m.o"), seed=4)
+    for e in ex:
+        e.modules = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in e.modules.items()}
+    del ex[2].modules["m.v"]
+    w = [0.4, 0.1, 0.3, 0.2]
+    for method in ("gram", "randomized"):
+        merged = merge_experts(ex, w, rank_budget=5, method=method)
+        pairs = {}
+        for name in merged.modules:
+            factors = []
+            for e in ex:
+                a, b = e.modules.get(name, (torch.zeros(e.rank, 24, dtype=dtype),
+                                            torch.zeros(20, e.rank, dtype=dtype)))
+                factors.append((a, b))
+            pairs[name] = rank_expand(factors, [wi * e.scaling for e, wi in zip(ex, w,
+                                                                                strict=True)])
+        want = compress_many(list(pairs.values()), 5, method=method)
+        # bf16: rank_expand rounds w_k s_k B_k to bf16, the streamed merge keeps it in float32
+        tol = 0 if dtype == torch.float32 else 2e-3
+        assert merged.rel_error == pytest.approx(max(c.rel_error for c in want), abs=tol)
+        for name, c in zip(pairs, want, strict=True):
+            a, b = merged.modules[name]
+            assert a.dtype == b.dtype == dtype
+            torch.testing.assert_close(b.float() @ a.float(), c.b.float() @ c.a.float(),
+                                       **({} if tol == 0 else {"rtol": 0.05, "atol": 0.1}))
+
+
+def test_merge_validates_the_method():
+    with pytest.raises(ValueError, match="method"):
+        merge_experts(_experts(2, [4]), [0.5, 0.5], method="svd")

@@ -15,12 +15,14 @@ rank budget b:
 - Shared A (`LoraSpec.shared_a`: one frozen A per module, only B trained): then
   sum_k w_k s_k B_k A = (sum_k w_k s_k B_k) A, exact at rank r (`merge_experts(shared_a=True)`).
 - Compression to the best rank-b approximation (Eckart-Young) without forming delta W.
-  `compress` is the float64 reference (QR of both factors, SVD of the R x R core: exact but
-  17-41 ms a module, ~6 s over SmolLM2's 210 modules). `compress_many` is the serving path: it
+  `compress` is the float64 reference (QR of both factors, SVD of the R x R core: exact, but
+  2.5-6 s over SmolLM2's 210 modules at R = 160). `compress_many` is the serving path: it
   works from the two R x R Gram matrices G_a = A A^T and G_b = B^T B (the only O(R^2 (in+out))
-  work; ||BA||_F^2 = <G_a, G_b> exactly, so the error reported is the true one) and batches the
-  R x R maths of all modules in float32 ("gram": exact eigendecomposition; "randomized": a
-  subspace iteration with a few probes). A merge should be admitted in about one token time.
+  work, ~60% of the time; ||BA||_F^2 = <G_a, G_b>, so the error reported is the true one) and
+  batches the R x R maths of all modules in float32: "gram" (exact eigendecomposition,
+  ~0.7 s a merge on one core) or "randomized" (subspace iteration with b + 8 probes, ~0.32 s
+  on one core, ~0.24 s on two; benchmarks/merge_micro.py). Admission should cost about one
+  token time (~100 ms): the Grams alone are ~0.18 s on one core, see compress_many.
 
 Pure torch (CPU or any device); nothing here knows vLLM, gRPC or files.
 """
@@ -121,17 +123,18 @@ def compress_many(
 ) -> list[Compressed]:
     """Rank-`budget` approximations of B A for many (A (R, in), B (out, R)) pairs at once.
 
-    Why: `compress` costs 17-41 ms a module in float64; a merge touches every adapted module
-    (210 in SmolLM2-135M) and should be admitted in about one token time. Here each module
-    costs two Gram products (R^2 (in + out): the floor for an exact error, and most of the
-    time) and two thin products for the result; the R x R maths of all modules with the same
-    R (whatever their in/out) runs as one batch, in float32 (float64 inputs stay float64).
+    Why: `compress` costs 12-40 ms a module in float64 (2.5-6 s a merge); a merge touches
+    every adapted module (210 in SmolLM2-135M) and should be admitted in about one token
+    time. Here each module costs two Gram products (R^2 (in + out) multiply-adds: the floor
+    for an exact error, ~0.18 s of a SmolLM2 merge on one core) and two thin products for
+    the result; the R x R maths of all modules with the same R (whatever their in/out) runs
+    as one batch, in float32 (float64 inputs stay float64).
 
     method:
     - "gram": exact-optimal up to float32 conditioning (an R x R eigendecomposition per
       module; B of rank < R handled by a pseudo-inverse). Singular values agree with
       `compress` to ~1e-5 relative; rel_error to 1e-4 except near 0, where float32 Grams
-      resolve it only to ~sqrt(4 sqrt(R) eps) s_1/||BA|| (2e-3 at R = 160).
+      resolve it only to ~sqrt(4 sqrt(R) eps) s_1/||BA|| (2.5e-3 at R = 160).
     - "randomized": m = budget + `oversample` probes and `power_iters` power iterations
       (m x m eigenproblems). The error it reports is the true one; it is a little above the
       optimum on flat spectra (+0.01 on random rank-160 merges at b = 16, under +0.002 on
@@ -145,52 +148,93 @@ def compress_many(
     R) (zero rows/columns where B A has rank < k; "reference" returns fewer), in the input's
     dtype, and rel_error = ||BA - B'A'||_F / ||BA||_F from the Grams (never forming B A).
     """
+    if not isinstance(pairs, _Pairs):
+        for i, (a, b) in enumerate(pairs):
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(f"pair {i}: need A (R, in) and B (out, R), got A "
+                                 f"{tuple(a.shape)} and B {tuple(b.shape)}")
+        pairs = _Pairs(pairs)
+    return _compress_all(pairs, budget, method, oversample, power_iters, seed)
+
+
+class _Pairs(Sequence):
+    """Where `_compress_all` reads the modules' factors: here, given tensors. A sequence of
+    the (A, B) pairs; subclasses build them on demand (`_Expanded`)."""
+
+    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.owned(j) for j in range(len(self))[i]]
+        return self.owned(i)
+
+    def meta(self, i: int) -> tuple[int, torch.dtype, torch.device]:
+        """(R, dtype of the maths, device) without building anything."""
+        a, b = self.pairs[i]
+        work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        return a.shape[0], work, a.device
+
+    def get(self, i: int, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in `work`; may be scratch, valid until the next call."""
+        a, b = self.pairs[i]
+        return a.to(work), b.to(work)
+
+    def owned(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the caller may keep them, in their own dtypes."""
+        return self.pairs[i]
+
+    def dtypes(self, i: int) -> tuple[torch.dtype, torch.dtype]:
+        a, b = self.pairs[i]
+        return a.dtype, b.dtype
+
+
+def _compress_all(src: _Pairs, budget: int, method: str, oversample: int, power_iters: int,
+                  seed: int) -> list[Compressed]:
     if budget < 1:
         raise ValueError(f"rank budget must be >= 1, got {budget}")
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; expected one of {METHODS}")
     if oversample < 0 or power_iters < 0:
         raise ValueError("oversample and power_iters must be >= 0")
-    out: list[Compressed | None] = [None] * len(pairs)
+    out: list[Compressed | None] = [None] * len(src)
     groups: dict[tuple, list[int]] = {}
-    for i, (a, b) in enumerate(pairs):
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"pair {i}: need A (R, in) and B (out, R), got A "
-                             f"{tuple(a.shape)} and B {tuple(b.shape)}")
-        r = a.shape[0]
+    for i in range(len(src)):
+        r, work, device = src.meta(i)
         if budget >= r:
-            out[i] = Compressed(a, b, None, 0.0)
-            continue
-        if method == "reference":
-            out[i] = compress(a, b, budget)
-            continue
-        work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-        groups.setdefault((r, work, a.device), []).append(i)
+            out[i] = Compressed(*src.owned(i), None, 0.0)
+        elif method == "reference":
+            out[i] = compress(*src.owned(i), budget)
+        else:
+            groups.setdefault((r, work, device), []).append(i)
     for (r, work, device), idx in groups.items():
         chosen = method
         if chosen == "auto":
             chosen = "randomized" if 2 * (budget + oversample) < r else "gram"
         gen = torch.Generator(device=device).manual_seed(seed)
-        results = _compress_group([pairs[i] for i in idx], budget, chosen, work, oversample,
+        results = _compress_group(src, idx, r, work, device, budget, chosen, oversample,
                                   power_iters, gen)
         for i, res in zip(idx, results, strict=True):
             out[i] = res
     return out  # type: ignore[return-value]
 
 
-def _compress_group(pairs, k, method, work, oversample, power_iters, gen) -> list[Compressed]:
-    """One batch of modules sharing R: Grams per module, R x R maths batched, thin products."""
-    n, r = len(pairs), pairs[0][0].shape[0]
-    device = pairs[0][0].device
-    fa = [a.to(work) for a, _ in pairs]
-    fb = [b.to(work) for _, b in pairs]
+def _compress_group(src, idx, r, work, device, k, method, oversample, power_iters, gen
+                    ) -> list[Compressed]:
+    """Modules `idx` of `src`, all of rank R: Grams per module, R x R maths batched, then the
+    thin products. The factors are read twice (for the Grams, for the result), never kept."""
+    n = len(idx)
     ga = torch.empty(n, r, r, dtype=work, device=device)
     gb = torch.empty(n, r, r, dtype=work, device=device)
-    for j in range(n):  # per module (no stacked copies of the factors); the O(R^2 (in+out)) part
-        torch.matmul(fa[j], fa[j].T, out=ga[j])
-        torch.matmul(fb[j].T, fb[j], out=gb[j])
-    # ||BA||_F^2 = tr(G_b G_a) = <G_a, G_b> (both symmetric), summed in float64
-    total = (ga * gb).flatten(1).sum(-1, dtype=torch.float64)
+    for j, i in enumerate(idx):  # the O(R^2 (in + out)) part: most of the time
+        a, b = src.get(i, work)
+        torch.matmul(a, a.T, out=ga[j])
+        torch.matmul(b.T, b, out=gb[j])
+    # ||BA||_F^2 = tr(G_b G_a) = <G_a, G_b> (both symmetric): rows in float32, then float64
+    total = (ga * gb).sum(-1).double().sum(-1)
     if method == "gram" or k + oversample >= r:  # probes spanning R-space: the exact path
         xb, xa, lam = _gram_core(ga, gb, k)
     else:
@@ -198,23 +242,25 @@ def _compress_group(pairs, k, method, work, oversample, power_iters, gen) -> lis
     captured = lam[:, :k].sum(-1, dtype=torch.float64)
     # Float32 Gram maths resolve energy down to a few sqrt(R) eps lambda_1: a residual below
     # that is rounding (a rank <= k module would otherwise report ~1e-3 instead of 0). So the
-    # error's resolution is ~sqrt(4 sqrt(R) eps) s_1 / ||BA|| (2e-3 at R = 160).
+    # error's resolution is ~sqrt(4 sqrt(R) eps) s_1 / ||BA|| (2.5e-3 at R = 160).
     floor = 2 * _noise(ga, r) * lam[:, 0].double().clamp_min(0)
     resid = (total - captured).clamp_min(0)
     resid = torch.where(resid > floor, resid, torch.zeros_like(resid))
     rel = torch.where(total > 0, (resid / total.clamp_min(1e-300)).clamp(max=1.0).sqrt(), 0.0)
     svals = lam.clamp_min(0).sqrt()
     out = []
-    for j, (a, b) in enumerate(pairs):
-        new_a = (xa[j] @ fa[j]).to(a.dtype)  # (k, R) (R, in)
-        new_b = (fb[j] @ xb[j]).to(b.dtype)  # (out, R) (R, k)
-        out.append(Compressed(new_a, new_b, svals[j].to(a.dtype), float(rel[j])))
+    for j, i in enumerate(idx):
+        a, b = src.get(i, work)
+        a_dtype, b_dtype = src.dtypes(i)
+        new_a = (xa[j] @ a).to(a_dtype)  # (k, R) (R, in)
+        new_b = (b @ xb[j]).to(b_dtype)  # (out, R) (R, k)
+        out.append(Compressed(new_a, new_b, svals[j].to(a_dtype), float(rel[j])))
     return out
 
 
 def _top_eig(core: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Descending eigenpairs of symmetric (L, m, m) cores; values under the float32 rounding
-    floor (m eps lambda_1) are set to 0 (rank-deficient modules get exact zero factors)."""
+    """Descending eigenpairs of symmetric (L, m, m) cores; values under the rounding floor
+    (`_noise` lambda_1) are set to 0 (rank-deficient modules get exact zero factors)."""
     lam, w = torch.linalg.eigh(core)
     lam, w = lam.flip(-1), w.flip(-1)
     floor = _noise(core, core.shape[-1]) * lam[:, :1].clamp_min(0)
@@ -271,7 +317,7 @@ def _orthonormalize(z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, tor
     orthonormal, for G = G_a the basis A^T Z X is. Cholesky QR of the m x m Gram (cheap);
     a module whose Cholesky fails or has a pivot under the rounding floor (collinear or zero
     columns) takes the eigendecomposition instead, with 0 columns for the lost directions."""
-    h = g @ z
+    h = (z.mT @ g).mT  # = G Z (G symmetric); the row-vector form is the faster batched GEMM
     s = z.mT @ h  # (L, m, m)
     m = s.shape[-1]
     chol, info = torch.linalg.cholesky_ex(s)
@@ -375,13 +421,91 @@ def _shared_a_pair(name: str, experts: Sequence[ExpertWeights], weights: Sequenc
             ref_e, ref_a, b_dtype = e, a, b.dtype
             acc = torch.zeros(b.shape, dtype=torch.promote_types(b.dtype, torch.float32),
                               device=b.device)
-        elif not torch.equal(ref_a, a):
+        elif ref_a is not a and not torch.equal(ref_a, a):
             raise ValueError(f"shared-A merge: module {name!r}: expert {e.expert_id} has a "
                              f"different A than expert {ref_e.expert_id} (shape "
                              f"{tuple(a.shape)} vs {tuple(ref_a.shape)}); the library does "
                              "not share A (merge with shared_a=False)")
         acc.add_(b, alpha=float(w) * e.scaling)
     return ref_a.clone(memory_format=torch.contiguous_format), acc.to(b_dtype)
+
+
+class _Expanded(_Pairs):
+    """The rank-expanded pairs (A* (R, in), B* (out, R)) of a merge, built on demand.
+
+    Why: materialising every module's A* and B* (195 MB for 10 rank-16 experts over
+    SmolLM2's 210 modules) costs more than the compression maths, mostly in page faults on
+    fresh memory; `get` writes them into a scratch pair reused across modules of one shape,
+    still cache-warm when the Gram products read it.
+    """
+
+    def __init__(self, experts: Sequence[ExpertWeights], weights: Sequence[float],
+                 names: Sequence[str]):
+        self.names = list(names)
+        self.coeffs = [float(w) * e.scaling for e, w in zip(experts, weights, strict=True)]
+        self.experts = list(experts)
+        self.rank = sum(e.rank for e in experts)
+        self._scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._meta = []
+        for name in self.names:
+            present = [e.modules[name] for e in experts if name in e.modules]
+            a_dtype, b_dtype = present[0][0].dtype, present[0][1].dtype
+            for a, b in present[1:]:
+                a_dtype = torch.promote_types(a_dtype, a.dtype)
+                b_dtype = torch.promote_types(b_dtype, b.dtype)
+            self._meta.append((present[0][0].shape[1], present[0][1].shape[0], a_dtype,
+                               b_dtype, present[0][0].device))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def meta(self, i: int) -> tuple[int, torch.dtype, torch.device]:
+        _, _, a_dtype, b_dtype, device = self._meta[i]
+        work = torch.promote_types(torch.promote_types(a_dtype, b_dtype), torch.float32)
+        return self.rank, work, device
+
+    def dtypes(self, i: int) -> tuple[torch.dtype, torch.dtype]:
+        return self._meta[i][2], self._meta[i][3]
+
+    def get(self, i: int, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        din, dout, _, _, device = self._meta[i]
+        key = (din, dout, work, device)
+        if key not in self._scratch:
+            scale = torch.cat([torch.full((e.rank,), c, dtype=work, device=device)
+                               for e, c in zip(self.experts, self.coeffs, strict=True)])
+            self._scratch[key] = (torch.empty(self.rank, din, dtype=work, device=device),
+                                  torch.empty(dout, self.rank, dtype=work, device=device),
+                                  scale)
+        sa, sb, scale = self._scratch[key]
+        parts = _module_factors(self.names[i], self.experts)
+        torch.cat([a for a, _ in parts], out=sa)
+        torch.cat([b for _, b in parts], dim=1, out=sb)
+        return sa, sb.mul_(scale)
+
+    def owned(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _expand_module(self.names[i], self.experts, self.coeffs)
+
+
+def _module_factors(name: str, experts: Sequence[ExpertWeights]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each expert's (A_k, B_k) of one module; zeros (so every module has the same rank) where
+    an expert lacks it: it contributes nothing."""
+    factors = []
+    for e in experts:
+        if name in e.modules:
+            a, b = e.modules[name]
+        else:
+            ref_a, ref_b = next(x.modules[name] for x in experts if name in x.modules)
+            a = torch.zeros(e.rank, ref_a.shape[1], dtype=ref_a.dtype, device=ref_a.device)
+            b = torch.zeros(ref_b.shape[0], e.rank, dtype=ref_b.dtype, device=ref_b.device)
+        factors.append((a, b))
+    return factors
+
+
+def _expand_module(name: str, experts: Sequence[ExpertWeights], coeffs: Sequence[float]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A* (R, in), B* (out, R)) of one module (`rank_expand`)."""
+    return rank_expand(_module_factors(name, experts), coeffs)
 
 
 def merge_experts(
@@ -397,9 +521,10 @@ def merge_experts(
     shared_a=False: the exact rank-expanded merge (rank R = sum r_k). shared_a=True: the
     experts share one A per module (checked, ValueError naming the module and experts
     otherwise) and the merge (A, sum_k w_k s_k B_k) is exact at rank r. Above `rank_budget`
-    every module is compressed in one `compress_many` call (`method`); the result then has
-    rank == rank_budget (rank-deficient modules zero-padded) and rel_error is the worst
-    module's relative Frobenius error.
+    every module is compressed in one `compress_many` call (`method`), which reads the
+    rank-expanded factors straight from the experts (`_Expanded`: never all materialised);
+    the result then has rank == rank_budget (rank-deficient modules zero-padded) and
+    rel_error is the worst module's relative Frobenius error.
 
     A module missing from an expert contributes nothing for that expert (its B is zero).
     """
@@ -415,34 +540,33 @@ def merge_experts(
         rank = max(a.shape[0] for a, _ in pairs.values())
     else:
         rank = sum(e.rank for e in experts)
+        if rank_budget is not None and rank > rank_budget:  # straight from the experts
+            done = compress_many(_Expanded(experts, weights, names), rank_budget, method=method)
+            return _padded({n: (c.a, c.b) for n, c in zip(names, done, strict=True)},
+                           rank_budget, max(c.rel_error for c in done))
+        coeffs = [float(w) * e.scaling for e, w in zip(experts, weights, strict=True)]
         for name in names:
-            factors, coeffs = [], []
-            for e, w in zip(experts, weights, strict=True):
-                if name in e.modules:
-                    a, b = e.modules[name]
-                else:  # pad so every module has the same rank
-                    ref_a, ref_b = next(x.modules[name] for x in experts if name in x.modules)
-                    a = torch.zeros(e.rank, ref_a.shape[1], dtype=ref_a.dtype,
-                                    device=ref_a.device)
-                    b = torch.zeros(ref_b.shape[0], e.rank, dtype=ref_b.dtype,
-                                    device=ref_b.device)
-                factors.append((a, b))
-                coeffs.append(float(w) * e.scaling)
-            pairs[name] = rank_expand(factors, coeffs)
+            pairs[name] = _expand_module(name, experts, coeffs)
     worst = 0.0
-    if rank_budget is not None and rank > rank_budget:
+    if rank_budget is not None and rank > rank_budget:  # shared A above the budget
         done = compress_many(list(pairs.values()), rank_budget, method=method)
         pairs = {name: (c.a, c.b) for name, c in zip(pairs, done, strict=True)}
         worst = max(c.rel_error for c in done)
         rank = rank_budget
+    return _padded(pairs, rank, worst)
+
+
+def _padded(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int, rel_error: float
+            ) -> MergedAdapter:
+    """The adapter, every module at `rank` (a rank-deficient module zero-padded)."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (a, b) in pairs.items():
-        if a.shape[0] < rank:  # a rank-deficient module: pad to the adapter's rank
+        if a.shape[0] < rank:
             pad = rank - a.shape[0]
             a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
             b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
         out[name] = (a.contiguous(), b.contiguous())
-    return MergedAdapter(out, rank, worst)
+    return MergedAdapter(out, rank, rel_error)
 
 
 def dense_delta(
