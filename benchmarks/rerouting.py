@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     args = common.parse_run_args(parser(), argv)
     if args.smoke:
-        args.test_docs, args.min_suffix, args.every = min(args.test_docs, 6), 8, [4]
-        args.requests, args.clients, args.new_tokens = 4, 2, 8
+        # every 8: the smallest window the service allows (ServiceConfig.min_reroute_every)
+        args.test_docs, args.min_suffix, args.every = min(args.test_docs, 6), 8, [8]
+        args.requests, args.clients, args.new_tokens = 4, 2, 16
         args.resamples, args.kv_cache_mb = 200, 64
     if not args.library:
         raise SystemExit("--library is required (or --smoke)")

@@ -78,7 +78,7 @@ def test_run_all_smoke_writes_every_row(tmp_path):
     for f in ("results.json", "results.md", "rerouting.png"):
         assert (r / f).stat().st_size > 0, f
     res = json.loads((r / "results.json").read_text())
-    assert [row["every"] for row in res["rows"]] == [0, 4]
+    assert [row["every"] for row in res["rows"]] == [0, 8]
     for row in res["rows"]:
         assert _finite(row["perplexity"], *row["ci95"], row["gen_tok_per_s"]), row
     assert res["rows"][1]["switches_per_doc"] >= 0
