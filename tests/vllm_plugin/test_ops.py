@@ -181,17 +181,24 @@ def test_split_single_rows_batches_shared_a_slots_by_library():
 
 def test_plugin_wrapper_batches_decode_slots_like_vllm_stock_wrapper():
     """Decode: one token per request, each request its own adapter (the TTMM case)."""
+    ours = _compare_wrappers(torch.Generator().manual_seed(7), "qkv",
+                             lambda gen: torch.tensor([3, 0, -1, 1, 4, 2]))
+    assert len(ours._tokens.singles) == 1 and not ours._tokens.groups
+
+
+def _compare_wrappers(gen, layer, make_slots):
+    """The same slot buffers and batch mapping through vLLM's stock CPU wrapper and ours;
+    returns ours (its per-step metadata) after checking the outputs agree."""
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     from ttmm_vllm.vllm_plugin.punica import TTMMPunicaWrapperCPU
     from ttmm_vllm.vllm_plugin.state import PluginState
 
-    gen = torch.Generator().manual_seed(7)
-    out_slices, in_dim, max_loras, max_rank = SLICES["qkv"], 64, 6, 16
+    out_slices, in_dim, max_loras, max_rank = SLICES[layer], 64, 6, 16
     ranks = [2, 16, 5, 8, 1, 0]
     slot_ids = [11, 12, 13, 14, 15, None]
     a, b = _slot_buffers(gen, max_loras, max_rank, in_dim, out_slices, ranks, torch.float32)
-    slots = torch.tensor([3, 0, -1, 1, 4, 2])
+    slots = make_slots(gen)
     x = torch.randn(slots.numel(), in_dim, generator=gen)
     y0 = torch.randn(slots.numel(), sum(out_slices), generator=gen)
     stock = PunicaWrapperCPU(256, 16, "cpu")
@@ -201,11 +208,11 @@ def test_plugin_wrapper_batches_decode_slots_like_vllm_stock_wrapper():
         ours._state.note_ordinary(lid, ranks[s])
     for w in (stock, ours):
         w.update_metadata(_mapping(slots, slot_ids), slot_ids, max_loras + 1, 600)
-    assert len(ours._tokens.singles) == 1 and not ours._tokens.groups
     want, got = y0.clone(), y0.clone()
     stock.add_lora_linear(want, x, a, b, 1.0, out_slices)
     ours.add_lora_linear(got, x, a, b, 1.0, out_slices)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+    return ours
 
 
 def _mapping(slots, slot_ids):
@@ -223,31 +230,8 @@ def test_plugin_wrapper_equals_vllm_stock_wrapper(layer, seed):
     The last slot stays empty: vLLM's stock op gives tokens without an adapter (index -1)
     the last slot's weights (an upstream bug, NOTES.md), harmless only while it is empty.
     """
-    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
-
-    from ttmm_vllm.vllm_plugin.punica import TTMMPunicaWrapperCPU
-    from ttmm_vllm.vllm_plugin.state import PluginState
-
-    gen = torch.Generator().manual_seed(seed)
-    out_slices, in_dim, max_loras, max_rank = SLICES[layer], 64, 6, 16
-    ranks = [2, 16, 5, 8, 1, 0]
-    slot_ids = [11, 12, 13, 14, 15, None]
-    a, b = _slot_buffers(gen, max_loras, max_rank, in_dim, out_slices, ranks, torch.float32)
-    slots = _token_slots(gen, [4, 1, 6, 1, 3, 2, 1], [0, -1, 1, 2, 3, 4, 0])
-    x = torch.randn(slots.numel(), in_dim, generator=gen)
-    y0 = torch.randn(slots.numel(), sum(out_slices), generator=gen)
-
-    stock = PunicaWrapperCPU(256, 16, "cpu")
-    ours = TTMMPunicaWrapperCPU(256, 16, "cpu")
-    ours._state = PluginState()
-    for s, lid in enumerate(slot_ids[:-1]):
-        ours._state.note_ordinary(lid, ranks[s])
-    for w in (stock, ours):
-        w.update_metadata(_mapping(slots, slot_ids), slot_ids, max_loras + 1, 600)
-    want, got = y0.clone(), y0.clone()
-    stock.add_lora_linear(want, x, a, b, 1.0, out_slices)
-    ours.add_lora_linear(got, x, a, b, 1.0, out_slices)
-    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    _compare_wrappers(torch.Generator().manual_seed(seed), layer, lambda gen: _token_slots(
+        gen, [4, 1, 6, 1, 3, 2, 1], [0, -1, 1, 2, 3, 4, 0]))
 
 
 def test_plugin_wrapper_leaves_base_tokens_alone_when_last_slot_is_used():
