@@ -18,6 +18,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def _moved_sources(p: Any) -> None:
+    """--base-model / --embedder: where the library's models are now, if they moved."""
+    p.add_argument("--base-model", metavar="MODEL",
+                   help="the base model folder if it moved since the library was made")
+    p.add_argument("--embedder", metavar="EMBEDDER",
+                   help="the embedder folder if it moved since the library was made")
 
 
 def add_parser(sub) -> None:
@@ -66,10 +75,7 @@ def add_parser(sub) -> None:
     i.add_argument("--pending", action="store_true",
                    help="for a served library: place it for `ttmm expert add ID` and leave "
                         "the manifest to the server")
-    i.add_argument("--base-model", metavar="MODEL",
-                   help="the base model folder if it moved since the library was made")
-    i.add_argument("--embedder", metavar="EMBEDDER",
-                   help="the embedder folder if it moved since the library was made")
+    _moved_sources(i)
     i.set_defaults(func=run_import)
 
     t = cmds.add_parser("tune", help="tune routing defaults (beta, tau, max_active) on "
@@ -95,10 +101,7 @@ def add_parser(sub) -> None:
                    help="tokens of each sample scored at most (default: %(default)s)")
     t.add_argument("--dry-run", action="store_true", help="report, do not write the manifest")
     t.add_argument("--json", metavar="FILE", help="also write the report (with the grid) here")
-    t.add_argument("--base-model", metavar="MODEL",
-                   help="the base model folder if it moved since the library was made")
-    t.add_argument("--embedder", metavar="EMBEDDER",
-                   help="the embedder folder if it moved since the library was made")
+    _moved_sources(t)
     t.set_defaults(func=run_tune)
 
     v = cmds.add_parser("validate", help="check a library: checksums, shapes, ranks, finite "

@@ -221,8 +221,7 @@ class TTMMServicer:
 
     async def Generate(self, request, context) -> pb2.GenerateResponse:
         client = self.client(context)
-        self.admission.enter(client)
-        try:
+        with self.admission.admitted(client=client):
             gi = self._generate_input(_parsed(request))
             prepared = await self.service.prepare(gi, client)
             text, ids, lps, reason, switches = [], [], [], None, []
@@ -240,13 +239,10 @@ class TTMMServicer:
                 prompt_tokens=prompt_tokens, completion_tokens=completion,
                 routing=self._routing_pb(prepared.routing, self.service.adapter_info(prepared)),
                 timings=self._timings_pb(prepared.timings), logprobs=lps, switches=switches)
-        finally:
-            self.admission.leave(client)
 
     async def GenerateStream(self, request, context):
         client = self.client(context)
-        self.admission.enter(client)
-        try:
+        with self.admission.admitted(client=client):
             gi = self._generate_input(_parsed(request))
             prepared = await self.service.prepare(gi, client)
             first = True
@@ -264,25 +260,19 @@ class TTMMServicer:
                                                       pb2.FINISH_REASON_UNSPECIFIED)
                     chunk.timings.CopyFrom(self._timings_pb(prepared.timings))
                 yield chunk
-        finally:
-            self.admission.leave(client)
 
     async def Route(self, request, context) -> pb2.RouteResponse:
         client = self.client(context)
-        self.admission.enter(client)
-        try:
+        with self.admission.admitted(client=client):
             request = _parsed(request)
             routing, timings = await self.service.route(
                 request.prompt, self._routing_request(request.routing), client)
             return pb2.RouteResponse(routing=self._routing_pb(routing),
                                      timings=self._timings_pb(timings))
-        finally:
-            self.admission.leave(client)
 
     async def Score(self, request, context) -> pb2.ScoreResponse:
         client = self.client(context)
-        self.admission.enter(client)
-        try:
+        with self.admission.admitted(client=client):
             request = _parsed(request)
             lps, ids, routing, timings, switches = await self.service.score(
                 request.prompt, request.continuation, self._routing_request(request.routing),
@@ -294,8 +284,6 @@ class TTMMServicer:
                                      routing=self._routing_pb(routing),
                                      timings=self._timings_pb(timings),
                                      switches=self._switches_pb(switches))
-        finally:
-            self.admission.leave(client)
 
     async def ListExperts(self, request, context) -> pb2.ListExpertsResponse:
         client = self.client(context)
