@@ -206,7 +206,7 @@ def test_a_request_cancelled_during_the_build_leaves_an_idle_adapter():
     run(main())
 
 
-def test_retire_idle_retires_only_idle_adapters_that_match():
+def test_retire_matching_retires_idle_now_and_busy_ones_when_released():
     async def main():
         b = Backend()
         reg = b.registry()
@@ -219,13 +219,33 @@ def test_retire_idle_retires_only_idle_adapters_that_match():
         def merges_expert_1(key):
             return any(i == 1 for i, _ in key)
 
-        assert await reg.retire_idle(merges_expert_1) == 2
+        assert await reg.retire_matching(merges_expert_1) == 2
         assert sorted(b.retired) == [adapters[0].lora_id, adapters[1].lora_id]
         assert reg.get(keys[0]) is None and reg.get(keys[1]) is None
-        assert reg.get(keys[2]) is adapters[2] and reg.get(busy.key) is busy
-        assert await reg.retire_idle(merges_expert_1) == 0
-        await reg.release(busy)  # released after the removal: it goes idle, to be retired later
-        assert await reg.retire_idle(merges_expert_1) == 1 and b.retired[-1] == busy.lora_id
+        assert reg.get(keys[2]) is adapters[2]
+        assert reg.get(busy.key) is None  # detached: no new request gets it
+        assert busy.lora_id not in b.retired  # its request still runs on it
+        assert await reg.retire_matching(merges_expert_1) == 0
+        await reg.release(busy)  # its last request ended: retired, not parked
+        assert b.retired[-1] == busy.lora_id
+        assert (reg.registered, reg.in_use, reg.idle) == (1, 0, 1)
+
+    run(main())
+
+
+def test_an_adapter_detached_while_building_is_retired_when_built():
+    async def main():
+        b = Backend(gate=asyncio.Event())
+        reg = b.registry()
+        (task,) = await waiting_acquires(reg, ((1, 1.0),), 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await reg.retire_matching(lambda key: True) == 0
+        b.gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(b.retired) == 1 and (reg.registered, reg.idle) == (0, 0)
 
     run(main())
 

@@ -202,3 +202,100 @@ def test_admin_rpcs_need_the_admin_token(live):
         admin.stub.AddExpert(pb2.AddExpertRequest(expert_id=77), metadata=admin.metadata,
                              timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_soak_with_admin_changes_leaves_nothing_behind(loop, live, live_library):
+    """Mixed valid, invalid, cancelled and past-deadline requests while an admin adds and
+    removes experts during every round: afterwards no request, admission slot, adapter or
+    expert bank is left behind (adapters merging a removed expert are retired, not parked),
+    and the resident memory of the server and its engine processes is within 5% of where it
+    was after a warm-up round."""
+    import gc
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    engine = live.service.engine
+    registry = engine.registry
+    lib = Library.open(live_library)
+    outcomes = {"completed": 0, "cancelled": 0, "deadline": 0, "invalid": 0}
+
+    def pending(expert_id):
+        d = live_library / expert_dirname(expert_id)
+        shutil.copytree(live_library / expert_dirname(0), d)
+        (d / PENDING_EXPERT).write_text(json.dumps({
+            "title": f"copy of 0 ({expert_id})", "size": 1, "group": "a",
+            "centroid": lib.centroids[0].tolist()}))
+
+    def one(i):
+        with _client(live) as c:
+            kind = i % 4
+            kw = dict(max_tokens=16, beta=0.05 + 0.05 * (i % 5), max_active=1 + i % 3)
+            p = TOPIC_PROMPTS[i % 4] + " the" * (i % 3)
+            if kind == 0:
+                c.generate(p, timeout=120, **kw)
+                return "completed"
+            if kind == 1:
+                s = c.stream(p, **{**kw, "max_tokens": 200})
+                next(s)
+                s.cancel()
+                return "cancelled"
+            if kind == 2:
+                try:
+                    c.generate(p, timeout=0.05, **{**kw, "max_tokens": 200})
+                    return "completed"
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    return "deadline"
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate(p, timeout=30, **{**kw, "beta": -1.0})
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            return "invalid"
+
+    def admin_cycle(expert_id):
+        """Add an expert routed like expert 0, let requests use it, then remove it."""
+        pending(expert_id)
+        with _admin(live) as admin:
+            admin.add_expert(expert_id, timeout=60)
+            time.sleep(0.5)
+            admin.remove_expert(expert_id, timeout=60)
+
+    def round_(n, expert_id):
+        with ThreadPoolExecutor(17) as pool:
+            admin = pool.submit(admin_cycle, expert_id)
+            for r in pool.map(one, range(n)):
+                outcomes[r] += 1
+            admin.result()
+
+    def rss():
+        proc = psutil.Process()
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+    def drained():
+        deadline = time.time() + 20
+        while registry.in_use and time.time() < deadline:
+            time.sleep(0.1)
+        gc.collect()
+
+    round_(32, 10)  # warm-up: first-time allocations are not growth
+    drained()
+    rss0 = rss()
+    for r in range(int(os.environ.get("TTMM_SOAK_ROUNDS", "4"))):
+        round_(48, 11 + r)
+    drained()
+    rss1 = rss()
+    (info,) = loop.run(engine.llm.collective_rpc("ttmm_info"))
+    stats = engine.adapter_stats()
+    print(f"soak with admin changes: {outcomes}, adapters {stats}, "
+          f"RSS {rss0 >> 20} -> {rss1 >> 20} MiB")
+    assert registry.in_use == 0 and registry.registered <= registry.idle_capacity
+    assert live.servicer.admission.count == 0
+    assert stats["scratch_files"] <= registry.registered
+    assert info["routes_on_retired_banks"] == []
+    active = sorted(e.id for e in Library.open(live_library).manifest.active_experts)
+    assert not set(range(10, 15)) & set(active)
+    for bank in info["banks"].values():
+        assert bank["experts"] == active
+    assert all(v > 0 for v in outcomes.values()), outcomes
+    assert rss1 <= rss0 * 1.05, f"resident memory grew {rss0 >> 20} -> {rss1 >> 20} MiB"

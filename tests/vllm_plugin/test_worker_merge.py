@@ -315,3 +315,57 @@ def test_rerouting_a_live_mix_adapter(loop, plugin_llm, plugin_results, tiny_lib
     toks, switched_at, unswitched = loop.run(in_flight())
     assert toks[:switched_at] == unswitched[:switched_at]
     assert toks != unswitched  # the rest of the request followed the new routing
+
+
+def test_live_changes_restack_the_mix_bank_without_rereading_it(loop, plugin_llm, plugin_results,
+                                                                tiny_library, prompt_ids,
+                                                                tmp_path):
+    """A live RemoveExpert/AddExpert changes a resident "mix" bank from its own tensors (the
+    engine loop never re-reads the library: only an added expert is read), adapters whose
+    experts all survive move to the new bank with the same outputs, one naming a removed
+    expert keeps the old bank, and an adapter routed before a removal but loaded after it
+    serves the remaining experts instead of failing inside the engine step."""
+    import json
+    import shutil
+
+    from ttmm_vllm.library import ADAPTER_WEIGHTS, PENDING_EXPERT, expert_dirname
+
+    root = tmp_path / "lib"
+    shutil.copytree(tiny_library, root)
+    lib = Library.open(root)
+    keeper = routing_request(61, str(root), [0, 2], [0.3, 0.7])
+    loser = routing_request(62, str(root), [1, 3], [0.5, 0.5])
+    before = loop.run(_run_batch(plugin_llm, {"keep": (prompt_ids[0], keeper),
+                                              "lose": (prompt_ids[1], loser)}))
+    # expert 4: a copy of expert 3, pending; expert 0's file then corrupted, so any re-read
+    # of the library (with its checksums) would fail
+    shutil.copytree(root / expert_dirname(3), root / expert_dirname(4))
+    (root / expert_dirname(4) / PENDING_EXPERT).write_text(json.dumps(
+        {"title": "copy of 3", "size": 1, "centroid": lib.centroids[3].tolist()}))
+    (root / expert_dirname(0) / ADAPTER_WEIGHTS).write_bytes(b"corrupted after loading")
+
+    def info():
+        (i,) = loop.run(plugin_llm.collective_rpc("ttmm_info"))
+        return i
+
+    lib.commit_removed(3)
+    loop.run(plugin_llm.collective_rpc("ttmm_remove_expert", args=(str(root), 3)))
+    held = info()
+    assert held["banks"][str(root.resolve())]["experts"] == [0, 1, 2]
+    assert held["routes_on_retired_banks"] == [62]  # keeps the bank with expert 3
+    again = loop.run(_run_batch(plugin_llm, {"keep": (prompt_ids[0], keeper),
+                                             "lose": (prompt_ids[1], loser)}))
+    _assert_same(again["keep"], before["keep"], "an adapter moved to the new bank")
+    _assert_same(again["lose"], before["lose"], "an adapter on the retired bank")
+
+    added, centroid = lib.pending_expert(4)
+    lib.commit_added(added, centroid)
+    loop.run(plugin_llm.collective_rpc("ttmm_add_expert", args=(str(root), 4)))
+    assert info()["banks"][str(root.resolve())]["experts"] == [0, 1, 2, 4]
+    late = loop.run(_run_batch(plugin_llm, {
+        "late": (prompt_ids[1], routing_request(63, str(root), [1, 3], [0.5, 0.5])),
+        "one": (prompt_ids[1], routing_request(64, str(root), [1], [1.0])),
+        "new": (prompt_ids[1], routing_request(65, str(root), [1, 4], [0.5, 0.5])),
+    }))
+    _assert_same(late["late"], late["one"], "routed to a removed expert: the rest served")
+    _assert_same(late["new"], before["lose"], "the added copy of expert 3 serves like it")

@@ -72,6 +72,7 @@ class Library:
         embedder_name: str | None = None,
         limits: LibraryLimits | None = None,
         allow_empty: bool = False,
+        validate: bool = True,
     ) -> Library:
         """Open and validate. Every check failure raises LibraryError naming the culprit.
 
@@ -82,6 +83,9 @@ class Library:
         float dtype); with verify_checksums also read in full (finite values).
         allow_empty: accept a library with no expert yet (`ttmm library create` makes one;
         importing adapters fills it). A server never opens one: there is nothing to route to.
+        validate=False reads the manifest only: for a vLLM worker re-reading a manifest the
+        server has just validated and committed (checking every expert again would read every
+        expert's file inside the engine loop); the worker checks what it reads itself.
         """
         root = Path(root).expanduser().resolve()
         mpath = root / MANIFEST
@@ -94,7 +98,8 @@ class Library:
         except ValueError as e:
             raise LibraryError(f"{mpath} is not valid JSON: {e}") from e
         lib = cls(root, Manifest.from_json(raw), limits)
-        lib.validate(verify_checksums=verify_checksums, allow_empty=allow_empty)
+        if validate:
+            lib.validate(verify_checksums=verify_checksums, allow_empty=allow_empty)
         if base_model_dir is not None:
             lib.check_base_model(base_model_dir)
         if embedder_dim is not None and embedder_dim != lib.manifest.embedder.dim:

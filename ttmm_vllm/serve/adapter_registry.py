@@ -112,15 +112,23 @@ class AdapterRegistry:
         async with self._lock:
             orphan = a.refs == 0
         if orphan:
-            await self._park(a)
+            await self._settle(a)
 
     async def release(self, a: Adapter) -> None:
         """Drop one reference; an unused adapter waits in the idle cache or is retired."""
         async with self._lock:
             a.refs -= 1
-            if a.refs > 0 or self._by_key.get(a.key) is not a or not a.ready.done():
+            if a.refs > 0 or not a.ready.done():
                 return
-        await self._park(a)
+        await self._settle(a)
+
+    async def _settle(self, a: Adapter) -> None:
+        """An adapter nobody uses any more: retired if it was detached (it merges a removed
+        expert), else parked in the idle cache. A failed build holds nothing to retire."""
+        if a.info.get("detached"):
+            await self._retire_one(a)
+        elif self._by_key.get(a.key) is a:
+            await self._park(a)
 
     async def _park(self, a: Adapter) -> None:
         victims = []
@@ -142,13 +150,18 @@ class AdapterRegistry:
         except Exception:  # noqa: BLE001 - a failed clean-up must not fail a request
             log.exception("retiring adapter %d failed", a.lora_id)
 
-    async def retire_idle(self, predicate: Callable[[Key], bool]) -> int:
-        """Retire idle adapters whose key matches (e.g. they merge a removed expert)."""
+    async def retire_matching(self, predicate: Callable[[Key], bool]) -> int:
+        """Retire adapters whose key matches (they merge a removed expert): idle ones now,
+        ones in use (or still building) when their last request ends, so none stays
+        registered, holding what the removal freed, until the idle cache happens to evict it.
+        Returns how many were retired now."""
         async with self._lock:
-            victims = [a for k, a in self._idle.items() if predicate(k)]
-            for a in victims:
-                self._idle.pop(a.key, None)
+            matching = [a for k, a in self._by_key.items() if predicate(k)]
+            victims = [a for a in matching if a.key in self._idle]
+            for a in matching:
                 self._by_key.pop(a.key, None)
+                self._idle.pop(a.key, None)
+                a.info["detached"] = True
         for a in victims:
             await self._retire_one(a)
         return len(victims)

@@ -86,6 +86,19 @@ def _patch_worker_lora_manager() -> None:
 
     WorkerLoRAManager._load_adapter = _load_adapter
 
+    stock_remove = WorkerLoRAManager.remove_adapter
+
+    @functools.wraps(stock_remove)
+    def remove_adapter(self, adapter_id):
+        from ttmm_vllm.vllm_plugin.state import STATE
+
+        # the server retired this adapter: its routing (and the expert bank a "mix" routing
+        # holds) goes with it, not at the next prune
+        STATE.forget(int(adapter_id))
+        return stock_remove(self, adapter_id)
+
+    WorkerLoRAManager.remove_adapter = remove_adapter
+
     for cls in (WorkerLoRAManager, LRUCacheWorkerLoRAManager):
         _wrap_create_lora_manager(cls)
 

@@ -118,20 +118,49 @@ class PluginState:
             self.caches[key] = cache
         return cache
 
-    def refresh_library(self, root: str | Path, removed: int | None = None) -> None:
-        """A library's manifest changed (live add/remove): re-read it where it is held.
-        Adapters already built keep their tensors."""
+    def refresh_library(self, root: str | Path, removed: int | None = None) -> Library:
+        """A library's manifest changed (live add/remove): re-read it where it is held, and
+        return it. Adapters already built keep their tensors."""
         key = library_key(root)
+        lib = Library.open(key, validate=False)  # validated by the server before its commit
         cache = self.caches.get(key)
         if cache is not None:
-            cache.library = Library.open(key, verify_checksums=False)
+            cache.library = lib
             if removed is not None:
                 cache.drop(removed)
         if key in self.banks:
-            if Library.open(key, verify_checksums=False).manifest.active_experts:
-                self.reload_bank(key)
-            else:
-                self.banks.pop(key, None)
+            self.update_bank(key, lib)
+        return lib
+
+    def update_bank(self, root: str | Path, lib: Library) -> None:
+        """Bring a resident bank to the manifest's active experts without re-reading it.
+
+        This runs in the engine loop (between steps), so it must not cost a library read:
+        experts the old bank holds are restacked from its own tensors, only an added expert
+        is read (and checksum-verified) from disk. Routes whose experts are all in the new
+        bank move to it, so the old bank is freed as soon as no adapter still needs a
+        removed expert (those finish on the old bank: requests in flight are unaffected).
+        """
+        key = library_key(root)
+        old = self.banks.get(key)
+        active = [e.id for e in lib.manifest.active_experts]
+        if old is None:
+            return
+        if not active:
+            self.banks.pop(key, None)
+            return
+        kept = [e for e in active if e in old.index_of]
+        views = dict(zip(kept, old.expert_views(kept), strict=True))
+        experts = [views[e] if e in views else
+                   lib.read_expert(e, verify_checksum=self.config.verify_checksums)
+                   for e in active]
+        dtype = next(iter(self.manager.modules.values())).lora_a_stacked[0].dtype
+        new = ExpertBank.from_experts(key, experts, layouts_from_manager(self.manager), dtype)
+        self.banks[key] = new
+        for lora_id, route in list(self.routes.items()):
+            if route.bank is old and all(e in new.index_of for e in route.expert_ids):
+                self.set_route(lora_id, new, route.expert_ids, route.weights, route.name)
+        self.version += 1
 
     # ---- adapters and routings
 
@@ -181,6 +210,12 @@ class PluginState:
                     table[lay.name] = torch.cat([p[0] for p in parts]).to(dtype).contiguous()
             self._shared_a[library] = table
         return table
+
+    def forget(self, lora_int_id: int) -> None:
+        """An adapter removed from vLLM: drop what this process keeps for it."""
+        for table in (self.routes, self.ranks, self.built, self.shared_a_of):
+            table.pop(lora_int_id, None)
+        self.version += 1
 
     def prune(self, keep: set[int]) -> None:
         """Forget routings and ranks of adapters vLLM no longer holds (bounded bookkeeping)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ttmm_vllm.vllm_plugin.state import STATE
+from ttmm_vllm.vllm_plugin.state import STATE, library_key
 
 
 class TTMMWorkerExtension:
@@ -33,8 +33,8 @@ class TTMMWorkerExtension:
         """Make an expert just committed to the library's manifest servable in this worker."""
         if STATE.config.worker_merge == "mix":
             STATE.bank(library_root)  # loads the bank if it was not resident
-        STATE.refresh_library(library_root)
-        active = {e.id for e in STATE.experts(library_root).library.manifest.active_experts}
+        lib = STATE.refresh_library(library_root)
+        active = {e.id for e in lib.manifest.active_experts}
         if int(expert_id) not in active:
             raise RuntimeError(f"ttmm: expert {expert_id} is not active in {library_root}")
         return True
@@ -62,4 +62,9 @@ class TTMMWorkerExtension:
             "routes": {k: [list(r.expert_ids), list(r.weights)]
                        for k, r in STATE.routes.items()},
             "ranks": dict(STATE.ranks),
+            # "mix" adapters still on a bank their library replaced (they name an expert
+            # removed since): each keeps that bank alive until vLLM drops the adapter
+            "routes_on_retired_banks": sorted(
+                k for k, r in STATE.routes.items()
+                if STATE.banks.get(library_key(r.bank.root)) is not r.bank),
         }

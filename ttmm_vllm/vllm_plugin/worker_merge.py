@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from vllm.lora.lora_model import LoRAModel
@@ -25,6 +26,7 @@ from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.lora.peft_helper import PEFTHelper
 
 from ttmm_vllm.merge import merge_experts
+from ttmm_vllm.vllm_plugin.bank import ExpertBank
 from ttmm_vllm.vllm_plugin.protocol import RoutingSpec
 from ttmm_vllm.vllm_plugin.state import STATE, PluginState, library_key
 
@@ -51,10 +53,13 @@ def load_routing_adapter(worker_manager: Any, lora_request: Any, spec: RoutingSp
             raise ValueError("ttmm: 'mix' routing adapters need the plugin's LoRA ops "
                              "(PluginConfig.enabled=True on the CPU backend); use 'expand'")
         live = state.routes.get(lora_id)
-        if live is None or live.bank is not bank or live.name != lora_request.lora_name:
-            state.set_route(lora_id, bank, spec.expert_ids, spec.weights, lora_request.lora_name)
+        if live is None or live.name != lora_request.lora_name:
+            ids, weights = servable(bank, spec.expert_ids, spec.weights, lora_request.lora_name)
+            state.set_route(lora_id, bank, ids, weights, lora_request.lora_name)
         # else: vLLM evicted this adapter from its cache and reloads it; a re-routing made
-        # since (`ttmm_set_routing`) stays in force rather than reverting to the name's.
+        # since (`ttmm_set_routing`) stays in force rather than reverting to the name's, and
+        # it keeps the bank it was built on if that still holds an expert removed since
+        # (`PluginState.update_bank` moved it to the new bank otherwise).
         return placeholder_adapter(lora_id, worker_manager._lora_model_cls)
     cache = state.experts(lora_request.lora_path)
     t0 = time.perf_counter()
@@ -85,6 +90,28 @@ def load_routing_adapter(worker_manager: Any, lora_request: Any, spec: RoutingSp
     state.built[lora_id] = {"rank": merged.rank, "rel_error": merged.rel_error,
                             "merge_ms": merge_ms}
     return lora
+
+
+def servable(bank: ExpertBank, expert_ids: Sequence[int], weights: Sequence[float],
+             name: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The routing restricted to experts the bank holds, weights renormalised.
+
+    The service routes only over active experts, so a missing one means the request was
+    routed just before a live RemoveExpert and its adapter loads just after. Raising here
+    would fail inside vLLM's engine step; serving the remaining experts (the base model if
+    none remain) is the closest answer, and the log says so.
+    """
+    keep = [(int(e), float(w)) for e, w in zip(expert_ids, weights, strict=True)
+            if int(e) in bank.index_of]
+    if len(keep) == len(expert_ids):
+        return tuple(int(e) for e in expert_ids), tuple(float(w) for w in weights)
+    log.warning("ttmm: adapter %s names experts removed since it was routed (%s); serving "
+                "the remaining ones", name,
+                sorted(set(map(int, expert_ids)) - {e for e, _ in keep}))
+    total = sum(w for _, w in keep)
+    if not keep or total <= 0:
+        return (), ()
+    return tuple(e for e, _ in keep), tuple(w / total for _, w in keep)
 
 
 def placeholder_adapter(lora_id: int, cls: type[LoRAModel] = LoRAModel) -> LoRAModel:
