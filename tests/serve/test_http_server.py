@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 import types
@@ -16,9 +17,18 @@ import numpy as np
 import openai
 import pytest
 
+from tests.certs import PKI
 from ttmm_vllm.client import routing_options, sampling_options
 from ttmm_vllm.serve.access import Access
-from ttmm_vllm.serve.http_server import HttpConfig, HttpServer
+from ttmm_vllm.serve.grpc_server import ServerConfig
+from ttmm_vllm.serve.http_server import (
+    MAX_CHAT_TOP_LOGPROBS,
+    MAX_COMPLETION_LOGPROBS,
+    HttpConfig,
+    HttpServer,
+    token_form,
+)
+from ttmm_vllm.serve.launch import ServeConfig, http_config
 from ttmm_vllm.serve.metrics import Metrics
 from ttmm_vllm.stubs import pb2
 
@@ -189,8 +199,10 @@ def test_echo_logprobs_equal_score(oa, client, server):
     lp1 = lm.choices[0].logprobs
     assert len(lp1.token_logprobs) == len(ids) + 1
     np.testing.assert_allclose(lp1.token_logprobs[1:-1], want.logprobs, atol=LOGPROB_TOL)
-    assert all(max(top.values()) == v for top, v in
-               zip(lp1.top_logprobs[1:], lp1.token_logprobs[1:], strict=True))
+    # logprobs=1: per token the most likely one and the token itself (one entry or two)
+    for top, t, v in zip(lp1.top_logprobs[1:], lp1.tokens[1:], lp1.token_logprobs[1:],
+                         strict=True):
+        _check_alternatives(top, t, v, 1, greedy=False)
 
 
 def test_generated_logprobs_equal_grpc(oa, client):
@@ -200,7 +212,84 @@ def test_generated_logprobs_equal_grpc(oa, client):
     want = client.generate(prompt, max_tokens=8, logprobs=True)
     lp = resp.choices[0].logprobs
     np.testing.assert_allclose(lp.token_logprobs, want.logprobs, atol=1e-5)
-    assert "".join(lp.tokens).rstrip("\ufffd").startswith(resp.choices[0].text.rstrip("\ufffd"))
+    text = b"".join(map(_token_bytes, lp.tokens)).decode("utf-8", "replace")
+    assert text.rstrip("\ufffd").startswith(resp.choices[0].text.rstrip("\ufffd"))
+    # k = 0: the chosen token alone
+    assert all(top == {t: v} for top, t, v in
+               zip(lp.top_logprobs, lp.tokens, lp.token_logprobs, strict=True))
+
+
+def _token_bytes(name: str) -> bytes:
+    """A logprobs token name's bytes ("bytes:\\xNN...": a part of a character)."""
+    if name.startswith("bytes:"):
+        return bytes(int(h, 16) for h in name[len("bytes:"):].split("\\x")[1:])
+    return name.encode()
+
+
+def test_tokens_that_are_parts_of_characters_have_names_of_their_own(server):
+    """A byte of a multi-byte character decodes alone to U+FFFD, like every other such byte:
+    logprobs name it by its bytes, as OpenAI does, so top_logprobs keys stay distinct."""
+    tok = server.service.tokenizer
+    forms = [token_form(tok, i) for i in range(len(tok))]
+    names = [f.name for f in forms]
+    assert len(set(names)) == len(names)
+    parts = [f for f in forms if f.name.startswith("bytes:")]
+    assert parts and all(f.text == "\ufffd" and _token_bytes(f.name) == f.raw for f in parts)
+    euro = tok("price \u20ac", add_special_tokens=False)["input_ids"]  # 3 UTF-8 bytes
+    got = b"".join(_token_bytes(token_form(tok, i).name) for i in euro)
+    assert got.decode() == "price \u20ac"
+
+
+def _check_alternatives(top: dict, token: str, value: float, k: int, greedy: bool) -> None:
+    """One position's completion top_logprobs: the k most likely (and the chosen), sorted."""
+    values = list(top.values())
+    assert k <= len(top) <= k + 1, top
+    assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+    assert value <= values[0] + 1e-6
+    if greedy:  # the chosen token is the most likely one
+        assert next(iter(top)) == token and abs(top[token] - value) < 1e-6
+    else:
+        assert token in top and abs(top[token] - value) < 1e-6
+
+
+def test_completion_top_logprobs_are_the_k_most_likely(oa, client, server):
+    k = 3
+    prompt = TOPIC_PROMPTS[2]
+    # one expert: the same routing for the echo below (routed on a longer prompt otherwise)
+    resp = oa.completions.create(model="expert-1", prompt=prompt, max_tokens=6, temperature=0,
+                                 logprobs=k)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.top_logprobs) == 6
+    for top, t, v in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs, strict=True):
+        _check_alternatives(top, t, v, k, greedy=True)
+        assert sum(np.exp(list(top.values()))) <= 1 + 1e-4
+    sampled = oa.completions.create(model="expert-1", prompt=prompt, max_tokens=12,
+                                    temperature=1.0, seed=7, logprobs=k).choices[0].logprobs
+    for top, t, v in zip(sampled.top_logprobs, sampled.tokens, sampled.token_logprobs,
+                         strict=True):
+        _check_alternatives(top, t, v, k, greedy=False)
+    # echo: the prompt's tokens get theirs from the scoring pass (vLLM's prompt_logprobs=k);
+    # the generated tokens, echoed as prompt, have the same alternatives as when generated
+    ids = server.service.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    gen = list(client.generate(prompt, max_tokens=6, experts=[1]).token_ids)
+    echo = oa.completions.create(model="expert-1", prompt=[ids + gen], max_tokens=0, echo=True,
+                                 logprobs=k, temperature=0)
+    elp = echo.choices[0].logprobs
+    assert len(elp.tokens) == len(ids) + len(gen)
+    assert elp.top_logprobs[0] is None and elp.token_logprobs[0] is None
+    for top, t, v in zip(elp.top_logprobs[1:], elp.tokens[1:], elp.token_logprobs[1:],
+                         strict=True):
+        _check_alternatives(top, t, v, k, greedy=False)
+    assert elp.tokens[len(ids):] == lp.tokens
+    for want, got in zip(lp.top_logprobs, elp.top_logprobs[len(ids):], strict=True):
+        assert list(got)[:k] == list(want)[:k]
+        np.testing.assert_allclose([got[t] for t in want], list(want.values()), atol=1e-3)
+    # a stream carries the same alternatives
+    chunks = list(oa.completions.create(model="expert-1", prompt=prompt, max_tokens=6,
+                                        temperature=0, logprobs=k, stream=True))
+    streamed = [top for c in chunks if c.choices and c.choices[0].logprobs
+                for top in c.choices[0].logprobs.top_logprobs]
+    assert [list(t) for t in streamed] == [list(t) for t in lp.top_logprobs]
 
 
 # ----------------------------------------------------------------------------- chat
@@ -238,6 +327,41 @@ def test_chat_logprobs(oa, client):
     want = client.stub.Generate(req, timeout=60)
     got = [c.logprob for c in resp.choices[0].logprobs.content]
     np.testing.assert_allclose(got, want.logprobs, atol=1e-5)
+    assert all(c.top_logprobs == [] for c in resp.choices[0].logprobs.content)  # as OpenAI
+
+
+def test_chat_top_logprobs_are_the_k_most_likely(oa):
+    k = 4
+    resp = oa.chat.completions.create(model="ttmm", messages=CHAT, max_tokens=5,
+                                      temperature=0, logprobs=True, top_logprobs=k)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens == 5
+    for c in content:
+        tops = c.top_logprobs
+        assert len(tops) == k and len({t.token for t in tops}) == k
+        values = [t.logprob for t in tops]
+        assert values == sorted(values, reverse=True) and values[0] <= 0
+        assert tops[0].token == c.token and abs(tops[0].logprob - c.logprob) < 1e-6  # greedy
+        assert all(t.bytes == list(_token_bytes(t.token)) for t in tops)
+    sampled = oa.chat.completions.create(model="ttmm", messages=CHAT, max_tokens=10,
+                                         temperature=1.0, seed=11, logprobs=True,
+                                         top_logprobs=k)
+    for c in sampled.choices[0].logprobs.content:
+        assert len(c.top_logprobs) == k
+        assert c.logprob <= c.top_logprobs[0].logprob + 1e-6
+        assert c.token in {t.token for t in c.top_logprobs} or \
+            c.logprob <= c.top_logprobs[-1].logprob + 1e-6
+    # a stream carries the same alternatives
+    chunks = list(oa.chat.completions.create(model="ttmm", messages=CHAT, max_tokens=5,
+                                             temperature=0, logprobs=True, top_logprobs=k,
+                                             stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for c in ch.choices[0].logprobs.content]
+    assert [[t.token for t in c.top_logprobs] for c in streamed] == \
+        [[t.token for t in c.top_logprobs] for c in content]
+    np.testing.assert_allclose([[t.logprob for t in c.top_logprobs] for c in streamed],
+                               [[t.logprob for t in c.top_logprobs] for c in content],
+                               atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -250,6 +374,8 @@ def test_chat_logprobs(oa, client):
     (dict(max_tokens=100_000), "max_tokens"),
     (dict(n=2), "n"),
     (dict(logprobs=50), "logprobs"),
+    (dict(logprobs=MAX_COMPLETION_LOGPROBS + 1), "logprobs"),
+    (dict(logprobs=-1), "logprobs"),
     (dict(prompt="   "), "prompt"),
     (dict(prompt=[]), "prompt"),
     (dict(prompt=[[10**7]]), "prompt"),
@@ -286,6 +412,21 @@ def test_bad_chat_input_is_400_naming_the_field(oa, messages, field):
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model="ttmm", messages=messages, max_tokens=2)
     assert e.value.param == field
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(logprobs=True, top_logprobs=MAX_CHAT_TOP_LOGPROBS + 1),
+    dict(logprobs=True, top_logprobs=-1),
+    dict(top_logprobs=2),  # without logprobs
+])
+def test_bad_chat_top_logprobs_is_400_naming_the_field(oa, kwargs):
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model="ttmm", messages=CHAT, max_tokens=2, **kwargs)
+    assert e.value.status_code == 400 and e.value.param == "top_logprobs"
+    assert e.value.body["message"].startswith("top_logprobs:")
+    top = oa.chat.completions.create(model="ttmm", messages=CHAT, max_tokens=1, logprobs=True,
+                                     top_logprobs=MAX_CHAT_TOP_LOGPROBS)  # the limit is served
+    assert len(top.choices[0].logprobs.content[0].top_logprobs) == MAX_CHAT_TOP_LOGPROBS
 
 
 def test_unknown_model_is_404(oa):
@@ -330,6 +471,110 @@ def test_auth_tokens_and_client_groups(loop, server):
                 bob.completions.create(model="expert-99", prompt=TOPIC_PROMPTS[0], max_tokens=2)
     finally:
         loop.run(door.stop())
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+def _tls_context(pki: PKI, tmp_path, cn: str | None = None) -> ssl.SSLContext:
+    """A client's TLS context trusting the test CA; with `cn`, presenting its certificate."""
+    ctx = ssl.create_default_context(cafile=pki.ca_file)
+    if cn is not None:
+        key, cert = pki.client(cn)
+        (tmp_path / f"{cn}.key").write_bytes(key)
+        (tmp_path / f"{cn}.pem").write_bytes(cert)
+        ctx.load_cert_chain(tmp_path / f"{cn}.pem", tmp_path / f"{cn}.key")
+    return ctx
+
+
+def _openai(url: str, verify) -> openai.OpenAI:
+    """An OpenAI client whose httpx client verifies with `verify` (a CA file or context)."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60,
+                         http_client=httpx.Client(verify=verify, timeout=60))
+
+
+def test_https_door_serves_the_grpc_certificate(loop, server, tmp_path):
+    pki = PKI(tmp_path / "pki")
+    door = _extra_door(loop, server, Access(server.service),
+                       HttpConfig(port=0, tls_cert=pki.server_cert, tls_key=pki.server_key))
+    try:
+        for host in ("127.0.0.1", "localhost"):  # both in the certificate
+            with _openai(f"https://{host}:{door.port}", pki.ca_file) as c:
+                out = c.completions.create(model="ttmm", prompt=TOPIC_PROMPTS[0],
+                                           max_tokens=3, temperature=0)
+                assert out.usage.completion_tokens == 3
+                assert [m.id for m in c.models.list().data][:4] == \
+                    ["ttmm", "ttmm:top1", "ttmm:uniform", "base"]
+        # plain HTTP to the TLS port: no answer
+        with _openai(f"http://127.0.0.1:{door.port}", True) as c, \
+                pytest.raises(openai.APIConnectionError):
+            c.models.list()
+        # a client that does not trust the certificate's CA refuses the server
+        with _openai(f"https://127.0.0.1:{door.port}", True) as c, \
+                pytest.raises(openai.APIConnectionError):
+            c.models.list()
+        assert httpx.get(f"https://127.0.0.1:{door.port}/health", verify=_tls_context(
+            pki, tmp_path), timeout=30).json() == {"status": "ok"}
+    finally:
+        loop.run(door.stop())
+
+
+def test_mutual_tls_door_requires_a_client_certificate(loop, server, tmp_path):
+    pki = PKI(tmp_path / "pki")
+    access = Access(server.service, client_groups={"alice": ("default",), "bob": ("nothing",)})
+    door = _extra_door(loop, server, access, HttpConfig(
+        port=0, tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca_file))
+    url = f"https://localhost:{door.port}"
+    try:
+        with _openai(url, _tls_context(pki, tmp_path)) as c, \
+                pytest.raises(openai.APIConnectionError):
+            c.models.list()  # no client certificate: the handshake is refused
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/health", verify=_tls_context(pki, tmp_path), timeout=30)
+        other = PKI(tmp_path / "other")  # a certificate another CA signed
+        ctx = _tls_context(pki, tmp_path)
+        key, cert = other.client("alice")
+        (tmp_path / "mallory.key").write_bytes(key)
+        (tmp_path / "mallory.pem").write_bytes(cert)
+        ctx.load_cert_chain(tmp_path / "mallory.pem", tmp_path / "mallory.key")
+        with _openai(url, ctx) as c, pytest.raises(openai.APIConnectionError):
+            c.models.list()
+        with _openai(url, _tls_context(pki, tmp_path, "alice")) as alice:
+            assert "expert-3" in [m.id for m in alice.models.list().data]
+            out = alice.completions.create(model="expert-3", prompt=TOPIC_PROMPTS[0],
+                                           max_tokens=3, temperature=0)
+            assert _experts(_ttmm(out)["routing"])[0] == [3]
+        # the certificate's common name is the identity, as at the gRPC door: bob's groups
+        with _openai(url, _tls_context(pki, tmp_path, "bob")) as bob:
+            assert [m.id for m in bob.models.list().data] == \
+                ["ttmm", "ttmm:top1", "ttmm:uniform", "base"]
+            with pytest.raises(openai.PermissionDeniedError):
+                bob.completions.create(model="expert-1", prompt=TOPIC_PROMPTS[0], max_tokens=2)
+    finally:
+        loop.run(door.stop())
+
+
+def test_http_door_takes_the_grpc_tls_settings(tmp_path):
+    pki = PKI(tmp_path / "pki")
+    tls = dict(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca_file)
+    got = http_config(ServeConfig(library="lib", server=ServerConfig(port=0, **tls),
+                                  http=HttpConfig(port=0)))
+    assert (got.tls_cert, got.tls_key, got.tls_client_ca) == tuple(tls.values())
+    assert got.scheme == "https"
+    plain = http_config(ServeConfig(library="lib", http=HttpConfig(port=0)))
+    assert plain.tls_cert is None and plain.scheme == "http"
+    assert http_config(ServeConfig(library="lib", server=ServerConfig(port=0, **tls))) is None
+    with pytest.raises(ValueError, match="--tls-key"):
+        HttpConfig(tls_cert=pki.server_cert)
+    with pytest.raises(ValueError, match="--tls-client-ca"):
+        HttpConfig(tls_client_ca=pki.ca_file)
+
+
+def test_unreadable_tls_files_fail_the_start(loop, server, tmp_path):
+    with pytest.raises(OSError, match="cannot serve HTTPS"):
+        _extra_door(loop, server, Access(server.service),
+                    HttpConfig(port=0, tls_cert=str(tmp_path / "missing.pem"),
+                               tls_key=str(tmp_path / "missing.key")))
 
 
 def test_admission_full_is_429_and_draining_is_503(loop, server):

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 from pathlib import Path
+
+from ttmm_vllm.cli import UserError
 
 
 def add_parser(sub) -> None:
@@ -49,9 +52,11 @@ def add_parser(sub) -> None:
                    "set routing.reroute_every (0: route once, from the prompt)")
     p.add_argument("--auth", help="JSON file: {\"tokens\": {token: identity}, \"admin_tokens\": "
                    "[...], \"client_groups\": {identity: [group, ...]}}")
-    p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; with --tls-key)")
+    p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; with --tls-key), "
+                   "on gRPC and on --http-port (HTTPS)")
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA "
+                   "(both doors)")
     r = p.add_argument_group("Ray Serve (pip install 'ttmm-vllm[ray]'; ttmm_vllm/serve/ray_serve.py)")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="serve through Ray Serve's gRPC proxy on --port (all interfaces): "
@@ -185,8 +190,10 @@ async def serve(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("ttmm.serve")
     engine_cfg, server_cfg = configs(args)
-    http = HttpConfig(host=args.host, port=args.http_port) if args.http_port is not None \
-        else None
+    # the HTTP door serves TLS (and mutual TLS) with the gRPC door's flags
+    http = HttpConfig(host=args.host, port=args.http_port, tls_cert=args.tls_cert,
+                      tls_key=args.tls_key, tls_client_ca=args.tls_client_ca) \
+        if args.http_port is not None else None
     server = await start(ServeConfig(
         library=args.library, engine=engine_cfg, server=server_cfg,
         service=ServiceConfig(default_reroute_every=max(args.reroute_every, 0)),
@@ -194,7 +201,8 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"serving {server.service.library.root} ({server.service.library.num_experts} "
           f"experts) on {server_cfg.host}:{server.port}", flush=True)
     if server.http is not None:
-        print(f"OpenAI-compatible API on http://{args.host}:{server.http.port}/v1", flush=True)
+        print(f"OpenAI-compatible API on {server.http.config.scheme}://{args.host}:"
+              f"{server.http.port}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -213,23 +221,82 @@ async def serve(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
-    import sys
 
-    from ttmm_vllm.serve.service import ServiceConfig
-
-    try:  # every flag and the auth file checked before anything starts
-        configs(args)
-        ServiceConfig(default_reroute_every=max(args.reroute_every, 0))
-    except ValueError as e:
-        print(f"ttmm serve: {e}", file=sys.stderr)
-        return 2
+    check(args)
     if args.ray is not None:
-        if args.http_port is not None:
-            print("ttmm serve: --http-port (the OpenAI-compatible API) is not served through "
-                  "Ray Serve yet; drop --ray or --http-port", file=sys.stderr)
-            return 2
         return serve_on_ray(args)
     return asyncio.run(serve(args))
+
+
+def check(args: argparse.Namespace) -> None:
+    """What can be checked in a moment, before the engine's minutes of start-up: every flag
+    and the auth file (their ValueErrors), the folders and files the flags name, and that the
+    ports are free. A failure raises UserError (or ValueError), which `ttmm` prints as one
+    line saying what is wrong and what to do, exiting 2. (The library's contents, the model's
+    fingerprint and the embedder are checked by the start itself: LibraryError, same line.)"""
+    from ttmm_vllm.library import MANIFEST
+    from ttmm_vllm.serve.service import ServiceConfig
+
+    configs(args)
+    ServiceConfig(default_reroute_every=max(args.reroute_every, 0))
+    if args.ray is not None and args.http_port is not None:
+        raise UserError("--http-port (the OpenAI-compatible API) is not served through Ray "
+                        "Serve yet; drop --ray or --http-port")
+    build_it = "give the folder `ttmm build --out` or `ttmm library create` wrote"
+    library = Path(args.library).expanduser()
+    if not library.is_dir():
+        raise UserError(f"--library {args.library}: no such directory; {build_it}")
+    if not (library / MANIFEST).is_file():
+        raise UserError(f"--library {args.library}: not an expert library (no {MANIFEST}); "
+                        f"{build_it}")
+    for flag, folder in (("--base-model", args.base_model), ("--embedder", args.embedder)):
+        if folder and not Path(folder).expanduser().is_dir():
+            raise UserError(f"{flag} {folder}: no such directory; give a local model folder, "
+                            f"or drop {flag} to use the library's")
+    for flag, file in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                       ("--tls-client-ca", args.tls_client_ca)):
+        if file:
+            try:
+                Path(file).expanduser().open("rb").close()
+            except OSError as e:
+                raise UserError(f"{flag} {file}: cannot read it ({e.strerror}); give a "
+                                "readable file") from None
+    if args.ray is None:  # Ray Serve's proxies listen where Ray puts them
+        seen: dict[int, str] = {}
+        for flag, port in (("--port", args.port), ("--http-port", args.http_port),
+                           ("--metrics-port", args.metrics_port)):
+            if port:  # None: off; 0: any free port
+                if port in seen:
+                    raise UserError(f"{seen[port]} and {flag} are both {port}; give each its "
+                                    "own port")
+                seen[port] = flag
+                check_port(flag, args.host, port)
+
+
+def check_port(flag: str, host: str, port: int) -> None:
+    """UserError unless `host:port` can be listened on now (bound and let go at once; the
+    server binds the same way, with SO_REUSEADDR)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE)[0]
+    except OSError:
+        return  # a host that does not resolve: the server's start says so
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"{flag} {port}: {host}:{port} is already in use; stop whatever "
+                                f"listens there or choose another {flag}") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"--host {host}: cannot listen there ({e.strerror}); give an "
+                                "address of this machine (0.0.0.0: all of them)") from None
+            raise UserError(f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror}); "
+                            f"choose another {flag}") from None
 
 
 def serve_on_ray(args: argparse.Namespace) -> int:

@@ -302,7 +302,7 @@ class Engine:
         the adapters they hold."""
         self._check_alive()
         self.experts.drop(expert_id)
-        await self.registry.retire_idle(lambda key: any(i == expert_id for i, _ in key))
+        await self.registry.retire_matching(lambda key: any(i == expert_id for i, _ in key))
         if self.config.merge_path == "worker":
             try:
                 await self.llm.collective_rpc(
@@ -335,7 +335,8 @@ class Engine:
             top_k=s.top_k if s.top_k and s.top_k > 0 else 0,
             seed=s.seed,
             stop=list(s.stop) or None,
-            logprobs=0 if s.logprobs else None,
+            # k alternatives per token (vLLM adds the sampled token: k or k + 1 entries)
+            logprobs=max(s.top_logprobs, 0) if s.logprobs else None,
             prompt_logprobs=prompt_logprobs,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         )
@@ -365,11 +366,14 @@ class Engine:
                     timings.queue_ms = _queue_ms(out, t0)
                     first = False
                 completion += len(o.token_ids)
-                lps = []
+                lps, tops = [], []
                 if sampling.logprobs and o.logprobs:
-                    lps = [float(d[t].logprob) for t, d in zip(o.token_ids, o.logprobs,
-                                                                strict=False)]
+                    for t, d in zip(o.token_ids, o.logprobs, strict=False):
+                        lps.append(float(d[t].logprob))
+                        if sampling.top_logprobs > 0:
+                            tops.append(_alternatives(d))
                 yield Step(text=o.text, token_ids=list(o.token_ids), logprobs=lps,
+                           top_logprobs=tops,
                            finished=out.finished, finish_reason=o.finish_reason,
                            prompt_tokens=len(prompt_ids), completion_tokens=completion)
             timings.generate_ms = max(_ms(t0) - timings.queue_ms, 0.0)
@@ -386,8 +390,24 @@ class Engine:
         timings: Timings | None = None,
     ) -> list[float]:
         """log p(continuation_i | prompt, continuation_<i) under the routing's merged adapter."""
+        lps, _ = await self.score_top(request_id, prompt_ids, continuation_ids, routing, 0,
+                                      timings)
+        return lps
+
+    async def score_top(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        continuation_ids: Sequence[int],
+        routing: Routing,
+        top_logprobs: int = 0,
+        timings: Timings | None = None,
+    ) -> tuple[list[float], list[dict[int, float]]]:
+        """`score`, and per continuation token its alternatives: the `top_logprobs` most
+        likely tokens and itself (token id -> log-probability, most likely first; vLLM's
+        prompt_logprobs=k, computed in the same pass)."""
         if not continuation_ids:
-            return []
+            return [], []
         if not prompt_ids:
             raise ValueError("scoring needs at least one prompt token")
         timings = timings if timings is not None else Timings()
@@ -395,7 +415,7 @@ class Engine:
         try:
             ids = list(prompt_ids) + list(continuation_ids)
             params = self._sampling_params(Sampling(max_tokens=1), delta=False,
-                                           prompt_logprobs=0)
+                                           prompt_logprobs=max(top_logprobs, 0))
             t0 = time.perf_counter()
             final = None
             async for out in self._run(ids, params, request_id, adapter):
@@ -407,7 +427,10 @@ class Engine:
                 await asyncio.shield(self.registry.release(adapter))
         plp = final.prompt_logprobs  # [None, {tok: Logprob}, ...] aligned with ids
         start = len(prompt_ids)
-        return [float(plp[i][ids[i]].logprob) for i in range(start, len(ids))]
+        lps = [float(plp[i][ids[i]].logprob) for i in range(start, len(ids))]
+        tops = [_alternatives(plp[i]) for i in range(start, len(ids))] if top_logprobs > 0 \
+            else [{ids[i]: lp} for i, lp in zip(range(start, len(ids)), lps, strict=True)]
+        return lps, tops
 
     async def _run(self, ids: list[int], params, request_id: str, adapter: Adapter | None):
         """vLLM's output stream, its client errors turned into RequestRejected."""
@@ -453,6 +476,13 @@ def _on_cpu() -> bool:
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
+
+
+def _alternatives(position) -> dict[int, float]:
+    """One position of vLLM's logprobs ({token id: Logprob}: the top k and the chosen token)
+    -> {token id: log-probability}, most likely first."""
+    pairs = [(int(t), float(lp.logprob)) for t, lp in position.items()]
+    return dict(sorted(pairs, key=lambda p: -p[1]))
 
 
 def _queue_ms(out, t0: float) -> float:

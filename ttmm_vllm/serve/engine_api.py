@@ -14,6 +14,10 @@ from typing import Any, Protocol
 from ttmm_vllm.routing.router import Routing
 from ttmm_vllm.serve.metrics import Timings
 
+# Most alternatives per token a request may ask for (Sampling.top_logprobs, the prompt's in
+# score_top): vLLM's default max_logprobs, which bounds both.
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -74,6 +78,9 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    # With logprobs: the k most likely tokens per generated token, besides the chosen one
+    # (vLLM's SamplingParams.logprobs=k; 0: the chosen token only). At most MAX_TOP_LOGPROBS.
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -83,6 +90,9 @@ class Step:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # With Sampling.top_logprobs k > 0, per token: token id -> log-probability of the k most
+    # likely tokens and the chosen one (k or k + 1 entries), most likely first
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None  # "length" | "stop" | "abort"
     prompt_tokens: int = 0
@@ -112,7 +122,13 @@ class EngineLike(Protocol):
     async def score(self, request_id: str, prompt_ids: Sequence[int],
                     continuation_ids: Sequence[int], routing: Routing,
                     timings: Timings | None = None) -> list[float]:
-        """log p(continuation_i | prompt, continuation_<i) under the routing's merge."""
+        """log p(continuation_i | prompt, continuation_<i) under the routing's merge.
+
+        An engine may also offer `score_top(request_id, prompt_ids, continuation_ids,
+        routing, top_logprobs, timings) -> (logprobs, alternatives)`: the same, with per
+        continuation token the `top_logprobs` most likely tokens besides it (token id ->
+        log-probability, most likely first; vLLM's prompt_logprobs=k). `engine.Engine` does;
+        without it the service reports each token's own log-probability only."""
         ...
 
     def adapter_info(self, routing: Routing, request_id: str = "") -> dict[str, Any]:

@@ -19,8 +19,22 @@ status of errors.status_of, so one error has the same meaning at both doors. Aut
 (`Authorization: Bearer <token>`, identities, client groups), admission control and metrics are
 the gRPC door's (access.py): launch.start hands both doors one `Access`.
 
-Differences from OpenAI worth knowing: `n` and `best_of` must be 1; `logprobs`/`top_logprobs`
-report the chosen token only (its log-probability, never alternatives); `text_offset` counts
+Log-probabilities as OpenAI's: /v1/completions `logprobs: k` (k <= MAX_COMPLETION_LOGPROBS)
+gives per token its log-probability and `top_logprobs`, {token text: log-probability} of the k
+most likely tokens and the chosen one (k or k + 1 entries; vLLM's SamplingParams.logprobs=k);
+with `echo` the prompt's tokens get the same from the scoring pass (vLLM's prompt_logprobs=k;
+the first token has none). /v1/chat/completions `logprobs: true, top_logprobs: k`
+(k <= MAX_CHAT_TOP_LOGPROBS) gives per token the k most likely as {token, logprob, bytes}.
+
+TLS: HttpConfig's tls_cert/tls_key serve HTTPS (`ttmm serve` gives the door the gRPC flags'
+certificate), and tls_client_ca requires a client certificate signed by that CA (mutual TLS);
+without a bearer token the certificate's common name is the identity, as at the gRPC door.
+
+Token names are each token decoded alone; a token that is part of a character (which alone
+decodes to U+FFFD) is named by its bytes as OpenAI names it, "bytes:\\xe2\\x80", so the
+keys of `top_logprobs` stay distinct. gRPC's `logprobs` still carry the chosen token only.
+
+Differences from OpenAI worth knowing: `n` and `best_of` must be 1; `text_offset` counts
 characters of the returned `text`; a stream takes one prompt.
 """
 
@@ -31,12 +45,14 @@ import contextlib
 import json
 import logging
 import math
+import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -65,7 +81,10 @@ log = logging.getLogger(__name__)
 
 MODES = {"ttmm": None, "ttmm:top1": Mode.TOP1, "ttmm:uniform": Mode.UNIFORM, "base": Mode.BASE}
 EXPERT_PREFIX = "expert-"
-MAX_LOGPROBS = 20
+# Largest k of `logprobs: k` (completions) and `top_logprobs: k` (chat): OpenAI's limits. A
+# larger one is refused with a 400 naming the field (vLLM's own bound, max_logprobs, is 20).
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
 # vLLM's floor for log-probabilities (JSON has no -inf)
 LOGPROB_FLOOR = -9999.0
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
@@ -83,6 +102,24 @@ class HttpConfig:
     max_prompts: int = 64
     # Seconds uvicorn waits for open connections when stopping (after the drain)
     grace_s: float = 5.0
+    # HTTPS with this certificate and its key (PEM). launch.start gives a door without its own
+    # the gRPC server's (`ttmm serve --tls-cert/--tls-key`), so both doors speak TLS or none.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Set: clients must present a certificate this CA signed (mutual TLS, --tls-client-ca)
+    tls_client_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and "
+                             "--tls-key); only one was given")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: "
+                             "a client certificate is only asked for over TLS")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
 
 # ---------------------------------------------------------------------------- request models
@@ -162,11 +199,15 @@ class HttpDoor:
         self.config = config
         self.metrics = service.metrics
         self.created = int(time.time())
+        self._forms: dict[int, TokenForm] = {}  # token id -> its form (at most the vocabulary)
 
     # ------------------------------------------------------------------ plumbing
 
     def authenticate(self, request: Request) -> Client:
-        return self.access.client(request.headers.get("authorization"),
+        """A bearer token (when configured), else the client certificate's common name
+        (mutual TLS), else anonymous: as the gRPC door."""
+        peer = (request.scope.get("state") or {}).get(PEER_STATE)
+        return self.access.client(request.headers.get("authorization"), peer=peer,
                                   header="header 'Authorization: Bearer <token>'")
 
     def error(self, request: Request, e: BaseException, param: str | None = None) -> JSONResponse:
@@ -222,7 +263,8 @@ class HttpDoor:
                               reroute_every=o.reroute_every)
 
     @staticmethod
-    def sampling_for(req: _Request, max_tokens: int | None, logprobs: bool) -> Sampling:
+    def sampling_for(req: _Request, max_tokens: int | None, logprobs: bool,
+                     top_logprobs: int = 0) -> Sampling:
         if req.n != 1:
             raise InvalidArgument("n", f"must be 1, got {req.n}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -233,7 +275,8 @@ class HttpDoor:
             max_tokens=max_tokens or 0,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0, seed=req.seed, stop=tuple(stop), logprobs=logprobs)
+            top_k=req.top_k or 0, seed=req.seed, stop=tuple(stop), logprobs=logprobs,
+            top_logprobs=top_logprobs if logprobs else 0)
 
     def ttmm_field(self, routing: Routing, timings: Timings | None = None, switches=(),
                    info: dict | None = None) -> dict:
@@ -245,9 +288,23 @@ class HttpDoor:
                                for i, r in switches]
         return out
 
-    def token_texts(self, ids: list[int]) -> list[str]:
-        tok = self.service.tokenizer
-        return [tok.decode([t]) for t in ids]
+    def token_forms(self, ids: list[int]) -> list[TokenForm]:
+        """Each token's text, name and bytes (token_form), remembered per token id."""
+        out = []
+        for t in ids:
+            form = self._forms.get(t)
+            if form is None:
+                form = self._forms[t] = token_form(self.service.tokenizer, t)
+            out.append(form)
+        return out
+
+    def top_forms(self, tops: list[dict[int, float] | None], k: int | None = None
+                  ) -> list[list[tuple[TokenForm, float]] | None]:
+        """Per position the alternatives (most likely first; at most `k`) as (token form,
+        floored log-probability)."""
+        return [None if top is None else list(zip(
+            self.token_forms(list(top)[:k]), [_floor(v) for v in list(top.values())[:k]],
+            strict=True)) for top in tops]
 
     # ------------------------------------------------------------------ routes
 
@@ -274,13 +331,14 @@ class HttpDoor:
             raise InvalidArgument("best_of", f"must be 1, got {req.best_of}")
         if req.suffix:
             raise InvalidArgument("suffix", "is not supported")
-        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
-            raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], "
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidArgument("logprobs", f"must be in [0, {MAX_COMPLETION_LOGPROBS}], "
                                   f"got {req.logprobs}")
         if req.max_tokens is not None and req.max_tokens < (0 if req.echo else 1):
             raise InvalidArgument("max_tokens", f"must be >= 1 (0 only with echo), "
                                   f"got {req.max_tokens}")
-        sampling = self.sampling_for(req, req.max_tokens, req.logprobs is not None)
+        sampling = self.sampling_for(req, req.max_tokens, req.logprobs is not None,
+                                     req.logprobs or 0)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             if len(prompts) != 1:
@@ -328,20 +386,22 @@ class HttpDoor:
                            req: CompletionRequest, sampling: Sampling, routing: RoutingRequest,
                            client: Client) -> dict:
         """One prompt's choice: its generation, and with echo its prompt (and the prompt's
-        log-probabilities, scored under the same routing: the first token has none)."""
+        log-probabilities and top alternatives, scored under the same routing: the first
+        token has none)."""
         svc = self.service
         prompt_ids = await asyncio.to_thread(svc.tokenize_prompt, text, ids)
         echoed = text or svc.tokenizer.decode(prompt_ids)
         want_lps = req.logprobs is not None
-        out_text, out_ids, out_lps, reason, switches = "", [], [], "length", []
+        out_text, out_ids, out_lps, out_tops, reason, switches = "", [], [], [], "length", []
         info, timings, served = None, None, None
 
         async def score_prompt():
             if not (req.echo and want_lps and len(prompt_ids) > 1):
                 return None
-            return await svc.score("", "", routing, client, prompt_token_ids=prompt_ids[:1],
-                                   continuation_token_ids=prompt_ids[1:],
-                                   routing_token_ids=prompt_ids)
+            return await svc.score_top("", "", routing, client, top_logprobs=req.logprobs,
+                                       prompt_token_ids=prompt_ids[:1],
+                                       continuation_token_ids=prompt_ids[1:],
+                                       routing_token_ids=prompt_ids)
 
         async def generate():
             if req.max_tokens == 0:
@@ -352,12 +412,14 @@ class HttpDoor:
 
         scored, generated = await _all(score_prompt(), generate())
         if generated is not None:
-            prepared, out_text, out_ids, out_lps, reason, switches = generated
+            prepared, out_text, out_ids, out_lps, out_tops, reason, switches = generated
             served, timings, info = prepared.routing, prepared.timings, svc.adapter_info(prepared)
         prompt_lps: list[float | None] = [None]
+        prompt_tops: list[dict[int, float] | None] = [None]
         if scored is not None:
-            lps, _, score_routing, score_timings, _ = scored
+            lps, tops, _, score_routing, score_timings, _ = scored
             prompt_lps += lps
+            prompt_tops += tops
             if served is None:
                 served, timings = score_routing, score_timings
         if served is None:  # echo of a one-token prompt, nothing generated
@@ -369,33 +431,42 @@ class HttpDoor:
         if want_lps:
             ids_all = (list(prompt_ids) if req.echo else []) + out_ids
             lps_all = (prompt_lps if req.echo else []) + out_lps
-            choice["logprobs"] = self.completion_logprobs(ids_all, lps_all)
+            tops_all = (prompt_tops if req.echo else []) + out_tops if req.logprobs else None
+            choice["logprobs"] = self.completion_logprobs(ids_all, lps_all, tops_all)
         choice["ttmm"] = self.ttmm_field(served, timings, switches, info)
         choice["_prompt_tokens"], choice["_completion_tokens"] = len(prompt_ids), len(out_ids)
         return choice
 
     async def run(self, prepared):
-        """Generate a prepared request to its end: (prepared, text, ids, logprobs, finish
-        reason, switches)."""
-        parts, ids, lps, reason, switches = [], [], [], None, []
+        """Generate a prepared request to its end: (prepared, text, ids, logprobs, top
+        logprobs, finish reason, switches)."""
+        parts, ids, lps, tops, reason, switches = [], [], [], [], None, []
         async for step in self.service.generate(prepared):
             parts.append(step.text)
             ids += step.token_ids
             lps += step.logprobs
+            tops += step.top_logprobs
             switches += step.switches
             reason = step.finish_reason or reason
-        return prepared, "".join(parts), ids, lps, reason, switches
+        return prepared, "".join(parts), ids, lps, tops, reason, switches
 
-    def completion_logprobs(self, ids: list[int], lps: list[float | None]) -> dict:
-        tokens = self.token_texts(ids)
+    def completion_logprobs(self, ids: list[int], lps: list[float | None],
+                            tops: list[dict[int, float] | None] | None = None) -> dict:
+        """OpenAI's completion logprobs. `tops`: per token the alternatives the engine gave
+        (the k most likely and the chosen one); None (k = 0): the chosen token alone."""
+        forms = self.token_forms(ids)
+        tokens = [f.name for f in forms]
         offsets, pos = [], 0
-        for t in tokens:
+        for f in forms:
             offsets.append(pos)
-            pos += len(t)
+            pos += len(f.text)
         values = [None if lp is None else _floor(lp) for lp in lps]
-        return {"tokens": tokens, "token_logprobs": values,
-                "top_logprobs": [None if v is None else {t: v}
-                                 for t, v in zip(tokens, values, strict=False)],
+        if tops is None or len(tops) != len(values):
+            top = [None if v is None else {t: v} for t, v in zip(tokens, values, strict=False)]
+        else:
+            top = [None if alts is None else _first_per_name(alts)
+                   for alts in self.top_forms(tops)]
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top,
                 "text_offset": offsets}
 
     async def chat(self, request: Request, req: ChatRequest, client: Client) -> Response:
@@ -403,11 +474,15 @@ class HttpDoor:
         messages = tuple(chat_message(i, m) for i, m in enumerate(req.messages))
         if not messages:
             raise InvalidArgument("messages", "is empty")
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
-            raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        k = req.top_logprobs or 0
+        if not 0 <= k <= MAX_CHAT_TOP_LOGPROBS:
+            raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_CHAT_TOP_LOGPROBS}], "
+                                  f"got {k}")
+        if k and not req.logprobs:
+            raise InvalidArgument("top_logprobs", "needs logprobs: true")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
-        sampling = self.sampling_for(req, max_tokens, req.logprobs)
+        sampling = self.sampling_for(req, max_tokens, req.logprobs, k)
         gi = GenerateInput(messages=messages, sampling=sampling,
                            max_tokens_set=max_tokens is not None, routing=routing)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -415,10 +490,10 @@ class HttpDoor:
             return await self.stream(request, rid, "chat.completion.chunk", req, gi, client)
         with self.access.admission.admitted(client=client):
             prepared = await self.service.prepare(gi, client)
-            _, text, ids, lps, reason, switches = await _until_disconnected(
+            _, text, ids, lps, tops, reason, switches = await _until_disconnected(
                 request, self.run(prepared))
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": self.chat_logprobs(ids, lps) if req.logprobs else None,
+                  "logprobs": self.chat_logprobs(ids, lps, tops, k) if req.logprobs else None,
                   "finish_reason": reason}
         usage = {"prompt_tokens": len(prepared.prompt_ids), "completion_tokens": len(ids),
                  "total_tokens": len(prepared.prompt_ids) + len(ids)}
@@ -429,11 +504,15 @@ class HttpDoor:
             "ttmm": self.ttmm_field(prepared.routing, prepared.timings, switches,
                                     self.service.adapter_info(prepared))})
 
-    def chat_logprobs(self, ids: list[int], lps: list[float]) -> dict:
+    def chat_logprobs(self, ids: list[int], lps: list[float],
+                      tops: list[dict[int, float]], k: int) -> dict:
+        """OpenAI's chat logprobs: per token its own and the `k` most likely (none if 0)."""
+        alts = self.top_forms(tops, k) if k and len(tops) == len(ids) else [[]] * len(ids)
         content = []
-        for t, lp in zip(self.token_texts(ids), lps, strict=False):
-            entry = {"token": t, "logprob": _floor(lp), "bytes": list(t.encode())}
-            content.append({**entry, "top_logprobs": [dict(entry)]})
+        for f, lp, top in zip(self.token_forms(ids), lps, alts, strict=False):
+            content.append({"token": f.name, "logprob": _floor(lp), "bytes": list(f.raw),
+                            "top_logprobs": [{"token": a.name, "logprob": v,
+                                              "bytes": list(a.raw)} for a, v in top]})
         return {"content": content}
 
     async def stream(self, request: Request, rid: str, kind: str, req: _Request,
@@ -484,12 +563,16 @@ class HttpDoor:
                                 prepared.routing, None, step.switches)["switches"]
                         reason = step.finish_reason if step.finished else None
                         if chat:
-                            lps = self.chat_logprobs(step.token_ids, step.logprobs) \
+                            lps = self.chat_logprobs(step.token_ids, step.logprobs,
+                                                     step.top_logprobs,
+                                                     gi.sampling.top_logprobs) \
                                 if gi.sampling.logprobs else None
                             choice = {"index": 0, "delta": {"content": step.text} if step.text
                                       else {}, "logprobs": lps, "finish_reason": reason}
                         else:
-                            lps = self.completion_logprobs(step.token_ids, step.logprobs) \
+                            lps = self.completion_logprobs(
+                                step.token_ids, step.logprobs,
+                                step.top_logprobs if gi.sampling.top_logprobs else None) \
                                 if gi.sampling.logprobs else None
                             choice = {"index": 0, "text": step.text, "logprobs": lps,
                                       "finish_reason": reason}
@@ -640,6 +723,62 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _first_per_name(alternatives: list[tuple[TokenForm, float]]) -> dict[str, float]:
+    """{token name: log-probability}, most likely first (of two tokens with one name, which
+    token_form makes rare, the likelier)."""
+    out: dict[str, float] = {}
+    for form, lp in alternatives:
+        out.setdefault(form.name, lp)
+    return out
+
+
+class TokenForm(NamedTuple):
+    text: str  # the token decoded alone (what it adds to the text; offsets count it)
+    name: str  # how logprobs name it: `text`, or OpenAI's "bytes:\\xNN..." (see token_form)
+    raw: bytes  # its bytes (chat's `bytes`)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) printable stand-in character -> the byte it stands for."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = {chr(b): b for b in keep}
+    shifted = [b for b in range(256) if b not in chars.values()]
+    chars.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_chars()
+
+
+def token_form(tokenizer, token_id: int) -> TokenForm:
+    """A token's text, name and bytes. A token that is part of a character (a byte of a
+    multi-byte UTF-8 sequence) decodes alone to U+FFFD, the same as every other such token:
+    it is named as OpenAI names it, "bytes:\\xe2\\x80", from its exact bytes, when the
+    tokenizer's piece gives them (byte-level BPE, SentencePiece byte fallback)."""
+    text = tokenizer.decode([token_id])
+    raw = text.encode()
+    if "\ufffd" in text:
+        exact = _piece_bytes(tokenizer.convert_ids_to_tokens(token_id))
+        if exact is not None and exact != raw:
+            return TokenForm(text, "bytes:" + "".join(f"\\x{b:02x}" for b in exact), exact)
+    return TokenForm(text, text, raw)
+
+
+def _piece_bytes(piece) -> bytes | None:
+    if not isinstance(piece, str) or not piece:
+        return None
+    m = _BYTE_PIECE.fullmatch(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    if all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    return None
+
+
 def _floor(lp: float) -> float:
     return max(float(lp), LOGPROB_FLOOR) if not math.isnan(lp) else LOGPROB_FLOOR
 
@@ -787,6 +926,49 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+# The key, in a request's scope["state"], of its client certificate's common name (mTLS)
+PEER_STATE = "ttmm_tls_peer"
+
+
+def _peer_name(transport) -> str | None:
+    """The verified client certificate's common name on a TLS connection (None: no
+    certificate, or not TLS)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+def _peer_protocol() -> type:
+    """uvicorn's HTTP protocol, each connection's requests carrying its client certificate's
+    common name in scope["state"][PEER_STATE] (uvicorn copies the protocol's app_state into
+    every request's state), so mutual TLS names the client as at the gRPC door."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class PeerProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            name = _peer_name(transport)
+            if name is not None:
+                self.app_state = {**self.app_state, PEER_STATE: name}
+
+    return PeerProtocol
+
+
+def _tls_options(config: HttpConfig) -> dict:
+    """uvicorn.Config's TLS arguments for the config (none without a certificate)."""
+    if not config.tls_cert:
+        return {}
+    out = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key}
+    if config.tls_client_ca:
+        out |= {"ssl_ca_certs": config.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED,
+                "http": _peer_protocol()}
+    return out
+
+
 class HttpServer:
     """A running HTTP door: `await HttpServer.start(service, config, access)`; `port` is the
     bound port (config.port 0: any free one)."""
@@ -818,7 +1000,16 @@ class HttpServer:
                           f"{e.strerror}") from e
         self.port = sock.getsockname()[1]
         uc = uvicorn.Config(build_app(self.door), lifespan="off", log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=config.grace_s)
+                            access_log=False, timeout_graceful_shutdown=config.grace_s,
+                            **_tls_options(config))
+        try:
+            uc.load()  # reads the TLS files: a bad one fails here, not in the serving task
+        except (OSError, ssl.SSLError) as e:
+            sock.close()
+            raise OSError(f"cannot serve HTTPS on {config.host}:{self.port} with --tls-cert "
+                          f"{config.tls_cert}, --tls-key {config.tls_key}"
+                          + (f", --tls-client-ca {config.tls_client_ca}"
+                             if config.tls_client_ca else "") + f": {e}") from e
         self.server = _Uvicorn(uc)
         self.task = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
@@ -827,7 +1018,8 @@ class HttpServer:
                 self.task.result()
                 raise OSError(f"the HTTP server on {config.host}:{self.port} did not start")
             await asyncio.sleep(0.01)
-        log.info("ttmm OpenAI-compatible HTTP API on http://%s:%d/v1", config.host, self.port)
+        log.info("ttmm OpenAI-compatible HTTP API on %s://%s:%d/v1%s", config.scheme,
+                 config.host, self.port, " (mutual TLS)" if config.tls_client_ca else "")
         return self
 
     async def stop(self) -> None:

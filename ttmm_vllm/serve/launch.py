@@ -10,7 +10,7 @@ engine down. Everything a start needs is one typed `ServeConfig`.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ttmm_vllm.library import Library
 from ttmm_vllm.routing.embed import load_library_embedder
@@ -34,8 +34,19 @@ class ServeConfig:
     # The sentence-transformers folder (default: the library's).
     embedder: str | None = None
     # The OpenAI-compatible HTTP door (None: gRPC only). It shares the gRPC server's tokens,
-    # client groups, admission bound and metrics; `server.http.port` is its port.
+    # client groups, admission bound and metrics, and its TLS certificate, key and client CA
+    # unless it names a certificate of its own; `server.http.port` is its port.
     http: HttpConfig | None = None
+
+
+def http_config(config: ServeConfig) -> HttpConfig | None:
+    """The HTTP door's config: with the gRPC server's TLS files when it names none itself,
+    so a TLS server has no plaintext door."""
+    http, grpc = config.http, config.server
+    if http is None or http.tls_cert or not grpc.tls_cert:
+        return http
+    return replace(http, tls_cert=grpc.tls_cert, tls_key=grpc.tls_key,
+                   tls_client_ca=grpc.tls_client_ca)
 
 
 async def start(config: ServeConfig) -> Server:
@@ -51,10 +62,10 @@ async def start(config: ServeConfig) -> Server:
     except BaseException:
         await service.shutdown()
         raise
-    if config.http is not None:
+    http = http_config(config)
+    if http is not None:
         try:
-            server.http = await HttpServer.start(service, config.http,
-                                                 access=server.servicer.access)
+            server.http = await HttpServer.start(service, http, access=server.servicer.access)
         except BaseException:
             await server.stop(grace=0)
             raise

@@ -23,7 +23,7 @@ from ttmm_vllm.routing.embed import Embedder, MicroBatcher
 from ttmm_vllm.routing.router import CentroidIndex, Mode, Router, Routing, RoutingParams, Variant
 from ttmm_vllm.serve import chat
 from ttmm_vllm.serve.chat import ChatMessage
-from ttmm_vllm.serve.engine_api import EngineLike, Sampling, Step
+from ttmm_vllm.serve.engine_api import MAX_TOP_LOGPROBS, EngineLike, Sampling, Step
 from ttmm_vllm.serve.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -229,6 +229,9 @@ class TTMMService:
             raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
         if s.top_k < -1:
             raise InvalidArgument("sampling.top_k", f"must be -1, 0 or positive, got {s.top_k}")
+        if not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument("sampling.top_logprobs",
+                                  f"must be in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs}")
         if len(s.stop) > c.max_stop_strings:
             raise InvalidArgument("sampling.stop", f"at most {c.max_stop_strings} stop strings")
         if any(not x or len(x) > c.max_stop_length for x in s.stop):
@@ -464,8 +467,30 @@ class TTMMService:
     async def score(self, prompt: str, continuation: str, r: RoutingRequest, client: Client, *,
                     prompt_token_ids: Sequence[int] = (),
                     continuation_token_ids: Sequence[int] = (),
-                    routing_token_ids: Sequence[int] = ()) -> tuple[list[float], list[int],
-                                                                     Routing, Timings]:
+                    routing_token_ids: Sequence[int] = ()
+                    ) -> tuple[list[float], list[int], Routing, Timings, list]:
+        """(log-probabilities of the continuation's tokens, its token ids, the routing, the
+        timings, the re-routing switches)."""
+        lps, _, cont, routing, timings, switches = await self.score_top(
+            prompt, continuation, r, client, prompt_token_ids=prompt_token_ids,
+            continuation_token_ids=continuation_token_ids,
+            routing_token_ids=routing_token_ids)
+        return lps, cont, routing, timings, switches
+
+    async def score_top(self, prompt: str, continuation: str, r: RoutingRequest,
+                        client: Client, *, top_logprobs: int = 0,
+                        prompt_token_ids: Sequence[int] = (),
+                        continuation_token_ids: Sequence[int] = (),
+                        routing_token_ids: Sequence[int] = ()
+                        ) -> tuple[list[float], list[dict[int, float]], list[int], Routing,
+                                   Timings, list]:
+        """`score`, with per continuation token its alternatives (second): token id ->
+        log-probability of the `top_logprobs` most likely tokens and the token itself, most
+        likely first. An engine without `score_top` (the Ray replicas) gives each token's
+        own log-probability only."""
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got "
+                                  f"{top_logprobs}")
         timings = Timings()
         t0 = time.perf_counter()
         params = self.params_for(r, client)
@@ -485,21 +510,34 @@ class TTMMService:
         # echo scores a whole prompt after its first token)
         routing = await self.route_ids(list(routing_token_ids) or ids, params, client, timings)
         if not every:
-            lps = await self.engine.score(uuid.uuid4().hex, ids, cont, routing, timings)
+            lps, tops = await self._engine_score(ids, cont, routing, top_logprobs, timings)
             switches = []
         else:
-            lps, switches = await self._score_rerouted(ids, cont, routing, params, client,
-                                                       every, timings)
+            lps, tops, switches = await self._score_rerouted(ids, cont, routing, params,
+                                                             client, every, timings,
+                                                             top_logprobs)
         timings.total_ms = (time.perf_counter() - t0) * 1e3
         self.metrics.observe(timings)
-        return lps, cont, routing, timings, switches
+        return lps, tops, cont, routing, timings, switches
+
+    async def _engine_score(self, ids: Sequence[int], cont: Sequence[int], routing: Routing,
+                            top_logprobs: int, timings: Timings | None
+                            ) -> tuple[list[float], list[dict[int, float]]]:
+        rid = uuid.uuid4().hex
+        score_top = getattr(self.engine, "score_top", None)
+        if top_logprobs and score_top is not None:
+            return await score_top(rid, ids, cont, routing, top_logprobs, timings)
+        lps = await self.engine.score(rid, ids, cont, routing, timings)
+        return lps, [{t: lp} for t, lp in zip(cont, lps, strict=False)]
 
     async def _score_rerouted(self, ids: list[int], cont: list[int], routing: Routing,
                               params: RoutingParams, client: Client, every: int,
-                              timings: Timings) -> tuple[list[float], list]:
+                              timings: Timings, top_logprobs: int = 0
+                              ) -> tuple[list[float], list[dict[int, float]], list]:
         """Score the continuation in windows of `every` tokens, each under the routing of the
         last query tokens before it: what re-routed generation would have computed."""
         lps: list[float] = []
+        tops: list[dict[int, float]] = []
         switches = []
         for j in range(0, len(cont), every):
             if j:
@@ -507,10 +545,12 @@ class TTMMService:
                 if new.key() != routing.key():
                     switches.append((j, new))
                 routing = new
-            lps += await self.engine.score(uuid.uuid4().hex, ids + cont[:j],
-                                           cont[j:j + every], routing,
-                                           timings if j == 0 else None)
-        return lps, switches
+            window_lps, window_tops = await self._engine_score(
+                ids + cont[:j], cont[j:j + every], routing, top_logprobs,
+                timings if j == 0 else None)
+            lps += window_lps
+            tops += window_tops
+        return lps, tops, switches
 
     # ------------------------------------------------------------------ live library changes
 
