@@ -333,7 +333,8 @@ class Served:
     def client(self):
         from ttmm_vllm.client import TTMMClient
 
-        c = TTMMClient(self.target, max_message_bytes=64 << 20)
+        # no default deadline: a benchmark's requests queue behind each other by design
+        c = TTMMClient(self.target, max_message_bytes=64 << 20, timeout=None)
         c.wait_ready(60)
         return c
 

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     reference = Reference(model_dir, lib)
     out: dict = {"serving_path": vars(path), "prompts": []}
     try:
-        with TTMMClient(f"127.0.0.1:{server.port}") as client:
+        with TTMMClient(f"127.0.0.1:{server.port}", timeout=None) as client:
             client.wait_ready(60)
             worst = 0.0
             for prompt in prompts:

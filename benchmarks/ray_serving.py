@@ -51,7 +51,7 @@ def run_rows(target: str, prompts: list[str], concurrency: int, max_tokens: int
              ) -> dict[str, Any]:
     from ttmm_vllm.client import TTMMClient
 
-    with TTMMClient(target) as c:
+    with TTMMClient(target, timeout=None) as c:
         c.wait_ready(120)
         for p in prompts[:concurrency]:  # warm-up: vLLM's first steps, the embedder
             c.generate(p, max_tokens=2)

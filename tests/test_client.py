@@ -1,8 +1,10 @@
-"""The Python client (ttmm_vllm/client.py): its option helpers, and every call against the real
-session server on 127.0.0.1."""
+"""The Python clients (ttmm_vllm/client.py): the request builders they share, and every call
+of the sync and the asyncio client against the real session server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import socket
 
@@ -12,7 +14,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ttmm_vllm import testing as tiny
-from ttmm_vllm.client import MODES, TTMMClient, routing_options, sampling_options
+from ttmm_vllm.client import (
+    MODES,
+    AsyncClient,
+    TTMMClient,
+    generate_request,
+    routing_options,
+    sampling_options,
+)
 from ttmm_vllm.stubs import pb2
 
 PROMPT = {t: " ".join(words[:9]) for t, words in tiny.TOPICS.items()}
@@ -91,6 +100,17 @@ def test_routing_options_sets_exactly_what_is_given(beta, tau, max_active, rerou
             assert getattr(r, name) == value, name
     assert list(r.experts) == experts
     assert r.mode == (MODES[mode] if mode else pb2.ROUTING_MODE_UNSPECIFIED)
+
+
+def test_generate_request_splits_keywords_between_sampling_and_routing():
+    """The one builder both clients send generate/stream requests with."""
+    req = generate_request("p", request_id="r", max_tokens=3, stop=["."], mode="top1",
+                           max_active=2)
+    assert req == pb2.GenerateRequest(prompt="p", request_id="r",
+                                      sampling=sampling_options(max_tokens=3, stop=["."]),
+                                      routing=routing_options("top1", max_active=2))
+    with pytest.raises(TypeError, match=r"unexpected arguments \['beta'\]"):
+        generate_request("p", routing=routing_options(), beta=0.5)
 
 
 # ------------------------------------------------------------------ calls on the real server
@@ -199,3 +219,111 @@ def test_max_message_bytes_limits_what_the_client_sends(target):
     with TTMMClient(target, max_message_bytes=1024) as c, pytest.raises(grpc.RpcError) as e:
         c.route("the " * 1000, timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ------------------------------------------------------------------ deadlines
+
+def _code(excinfo: pytest.ExceptionInfo) -> grpc.StatusCode:
+    return excinfo.value.code()
+
+
+def test_unary_calls_get_the_client_default_deadline_and_streams_none(target):
+    for cls in (TTMMClient, AsyncClient):
+        assert inspect.signature(cls).parameters["timeout"].default == 60.0
+    with TTMMClient(target, timeout=1e-4) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(PROMPT["music"], **GREEDY)  # the client's deadline, not given per call
+        assert _code(e) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert c.generate(PROMPT["music"], timeout=30, **GREEDY).completion_tokens == 10
+        assert c.list_experts(timeout=None).experts  # None: no deadline at all
+        chunks = list(c.stream(PROMPT["music"], **GREEDY))  # streams: no default deadline
+        assert chunks[-1].completion_tokens == 10
+    with TTMMClient(target) as c, pytest.raises(grpc.RpcError) as e:
+        c.generate(PROMPT["music"], timeout=1e-4, **GREEDY)
+    assert _code(e) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# ------------------------------------------------------------------ the asyncio client
+
+def test_async_client_answers_as_the_sync_client(client, target):
+    """generate, stream, route and score from asyncio (a loop of its own, as a user's program
+    has): the same answers as the sync client's."""
+    want = client.generate(PROMPT["music"], mode="top1", **GREEDY)
+    want_score = client.score(PROMPT["football"], " the goal and the match")
+
+    async def calls():
+        async with AsyncClient(target) as c:
+            await c.wait_ready(30)
+            gen = await c.generate(PROMPT["music"], mode="top1", request_id="async-1",
+                                   **GREEDY)
+            chunks = [ch async for ch in c.stream(PROMPT["music"], mode="top1", **GREEDY)]
+            route = await c.route(PROMPT["cooking"])
+            score = await c.score(PROMPT["football"], " the goal and the match")
+            together = await asyncio.gather(*(c.generate(PROMPT[t], **GREEDY)
+                                              for t in sorted(PROMPT)))
+            return gen, chunks, route, score, together
+
+    gen, chunks, route, score, together = asyncio.run(calls())
+    assert gen.request_id == "async-1" and gen.text == want.text and gen.text
+    assert list(gen.token_ids) == list(want.token_ids)
+    assert _top_title(gen.routing) == "music" and len(gen.routing.experts) == 1
+    assert "".join(ch.text for ch in chunks) == gen.text
+    assert [t for ch in chunks for t in ch.token_ids] == list(gen.token_ids)
+    assert chunks[0].HasField("routing") and chunks[-1].finish_reason == \
+        pb2.FINISH_REASON_LENGTH
+    assert _top_title(route.routing) == "cooking"
+    assert list(score.token_ids) == list(want_score.token_ids)
+    assert list(score.logprobs) == pytest.approx(list(want_score.logprobs), abs=1e-4)
+    assert [r.completion_tokens for r in together] == [10] * len(PROMPT)
+    assert [_top_title(r.routing) for r in together] == sorted(PROMPT)
+
+
+def test_async_admin_calls_reach_the_server(target):
+    """list_experts answers; add/remove_expert reach the admin check (the session server has
+    no admin token, so they are refused there and the shared library stays as it is)."""
+    async def calls():
+        async with AsyncClient(target, token="not-an-admin") as c:
+            listed = await c.list_experts()
+            codes = []
+            for call in (c.add_expert(99), c.remove_expert(0)):
+                try:
+                    await call
+                except grpc.aio.AioRpcError as e:
+                    codes.append(e.code())
+            return listed, codes
+
+    listed, codes = asyncio.run(calls())
+    assert sorted(e.title for e in listed.experts) == sorted(tiny.TOPICS)
+    assert codes == [grpc.StatusCode.PERMISSION_DENIED] * 2
+
+
+def test_async_client_deadlines(target):
+    async def calls():
+        codes = []
+        async with AsyncClient(target, timeout=1e-4) as c:
+            try:
+                await c.generate(PROMPT["space"], **GREEDY)  # the client's default deadline
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code())
+            ok = await c.generate(PROMPT["space"], timeout=30, **GREEDY)
+            chunks = [ch async for ch in c.stream(PROMPT["space"], **GREEDY)]  # none
+        async with AsyncClient(target) as c:
+            try:
+                await c.score(PROMPT["space"], " the orbit", timeout=1e-4)
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code())
+        return codes, ok, chunks
+
+    codes, ok, chunks = asyncio.run(calls())
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    assert ok.completion_tokens == 10 and chunks[-1].completion_tokens == 10
+
+
+def test_async_client_closes_its_channel(target):
+    async def calls():
+        async with AsyncClient(target) as c:
+            assert (await c.list_experts()).experts
+        with pytest.raises(grpc.aio.UsageError):
+            await c.list_experts()
+
+    asyncio.run(calls())
