@@ -1,9 +1,10 @@
 """Stage 5: a short title per cluster, so a routing can be explained ("why these experts?").
 
 The paper asked an LLM to summarise ten documents per cluster; here, without one, a title is
-the cluster's most distinctive words (class-based TF-IDF: each cluster's training text is one
-document, so a word common to every cluster scores low) and, when documents have titles, the
-title of the document nearest the centroid.
+what a reader recognises first, the titles of the documents nearest the centroid (when the
+documents have titles), then the cluster's most distinctive words (class-based TF-IDF: each
+cluster's training text is one document, so a word common to every cluster scores low):
+"Crane (machine), Forklift, Hoist: lifting, load, carry".
 
 Titles come from the clustering embedding whatever embedding ends up routing: they describe
 the clusters, which that embedding made. Cheap, so not cached.
@@ -23,6 +24,9 @@ from training.context import BuildContext
 from training.documents import Corpus
 
 log = logging.getLogger(__name__)
+
+# Titles travel in every routing of every response (the library's limit is 256 characters)
+MAX_TITLE_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -84,13 +88,23 @@ def central_titles(embeddings: np.ndarray, titles: Sequence[str], centroid: np.n
 
 
 def cluster_titles(cluster_texts: Sequence[str], examples: Sequence[Sequence[str]],
-                   n_terms: int = 3) -> list[str]:
-    """'term, term, term (e.g. Central Title)'; 'cluster k' when nothing describes it."""
+                   n_terms: int = 3, max_chars: int = MAX_TITLE_CHARS) -> list[str]:
+    """'Central Title, Next Title, Third Title: term, term, term' per cluster: the titles of
+    the documents nearest its centroid (`examples`, nearest first; as many as fit in
+    `max_chars`, the first cut short if it alone does not) and its most distinctive words.
+    Either part alone when the other is empty; 'cluster k' when nothing describes it."""
     terms = top_terms(cluster_texts, n_terms)
     out = []
     for k, (words, ex) in enumerate(zip(terms, examples, strict=True)):
-        title = ", ".join(words) if words else f"cluster {k}"
-        if ex:
-            title += f" (e.g. {ex[0]})"
-        out.append(title)
+        tail = ", ".join(words)
+        room = max_chars - (len(tail) + 2 if tail else 0)  # ": " before the words
+        names: list[str] = []
+        for name in ex:
+            if len(", ".join([*names, name])) > room:
+                break
+            names.append(name)
+        if ex and not names and room > 1:
+            names = [ex[0][:room - 1] + "\u2026"]
+        head = ", ".join(names)
+        out.append(f"{head}: {tail}" if head and tail else head or tail or f"cluster {k}")
     return out
