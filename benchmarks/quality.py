@@ -17,7 +17,9 @@ reported, so the two columns are known to be comparable (TTMM(10) is checked the
 Every row gets a 95% bootstrap interval over documents (the same resamples for every row), and
 TTMM(10) minus multitask a paired interval. Equal token budgets: the library's multitask
 adapter is trained on the union of the experts' training documents; TTT retrieves from the
-same documents.
+same documents. A library that also trained branched experts has the compute-matched adapter
+(`multitask-matched/`: twice the epochs, as many tokens as a branched library), and gets its
+row (`MATCHED`) and TTMM(10) minus it.
 
     python -m benchmarks.quality --library ~/.cache/ttmm/libraries/wiki-k16 --prefix-tokens 50
     python -m benchmarks.quality --smoke        # tiny model and library, about a minute
@@ -43,7 +45,8 @@ from benchmarks.common import BenchLibrary, TestDoc, log
 class Method:
     """One row of the table.
 
-    kind: "score" (product Score RPC with `routing`), "multitask", "ensemble" (reference,
+    kind: "score" (product Score RPC with `routing`), "multitask", "matched" (the
+    compute-matched multitask adapter), "ensemble" (reference,
     mixing the experts `routing` selects) or "ttt" (reference). routing: (mode, max_active)
     as a client would ask for it; the experts' weights are the server's, from the library's
     tuned beta/tau.
@@ -71,9 +74,11 @@ METHODS: list[Method] = [
     Method("ens10", "ensembling, 10", "ensemble", ("ttmm", 10)),
     Method("ttt", "TTT (N nearest, 1 step each)", "ttt"),
 ]
+# Only for libraries with a compute-matched adapter (manifest extras `multitask_matched`).
+MATCHED = Method("matched", "multitask fine-tuning, compute-matched (2x tokens)", "matched")
 # Paired differences reported below the table (a - b: negative means a is better).
 PAIRS = [("ttmm10", "multitask"), ("ttmm10", "base"), ("ttmm10", "ttt"), ("ttmm10", "ens10"),
-         ("ttmm10", "uniform10"), ("ttt", "multitask")]
+         ("ttmm10", "uniform10"), ("ttt", "multitask"), ("ttmm10", "matched")]
 # Figure 5's shape: perplexity against active experts, one line per way of combining them.
 SERIES = {"merge, softmax weights (TTMM)": ["ttmm1", "ttmm3", "ttmm10"],
           "merge, uniform weights": ["ttmm1", "uniform3", "uniform10"],
@@ -180,6 +185,26 @@ def run_multitask(run: Run, m: Method) -> Scores:
     return Scores(nll, cnt, np.ones(n), np.zeros(n), time.perf_counter() - t0)
 
 
+def run_matched(run: Run, m: Method) -> Scores:
+    """The compute-matched adapter alone on the reference model, hooked in for this row."""
+    from training.evaluate import AdapterMixer, suffix_nll
+    from ttmm_vllm.library import read_adapter
+
+    lib = run.bench.library
+    adapter = read_adapter(lib.resolve(run.bench.manifest.extras["multitask_matched"]["file"]))
+    n = len(run.docs)
+    t0 = time.perf_counter()
+    mixer = AdapterMixer(run.reference.model, [adapter])
+    try:
+        nll, cnt = suffix_nll(run.reference.model, run.reference.tokenizer,
+                              [d.text for d in run.docs], run.prefix,
+                              max_tokens=run.bench.max_tokens, batch_size=run.args.batch_size,
+                              mixer=mixer, weights=np.ones((n, 1)))
+    finally:
+        mixer.remove()
+    return Scores(nll, cnt, np.ones(n), np.zeros(n), time.perf_counter() - t0)
+
+
 def run_ensemble(run: Run, m: Method) -> Scores:
     """Mix the experts' next-token probabilities with the routing weights TTMM used."""
     routings = run.routings[m.routing]
@@ -218,7 +243,8 @@ def run_ttt(run: Run, m: Method) -> Scores:
 
 
 RUNNERS: dict[str, Callable[[Run, Method], Scores]] = {
-    "multitask": run_multitask, "ensemble": run_ensemble, "ttt": run_ttt}
+    "multitask": run_multitask, "matched": run_matched, "ensemble": run_ensemble,
+    "ttt": run_ttt}
 
 
 def reference_phase(run: Run, methods: Sequence[Method]) -> tuple[dict[str, Scores], dict]:
@@ -394,7 +420,8 @@ def parser() -> argparse.ArgumentParser:
                         "100; default 16 to fit this machine)")
     p.add_argument("--ttt-lr", type=float, default=5e-4, help="TTT learning rate (paper 5e-4)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help=f"rows to run (default all): {' '.join(m.key for m in METHODS)}")
+                   help=f"rows to run (default all): {' '.join(m.key for m in METHODS)} "
+                        f"({MATCHED.key}: when the library has a compute-matched adapter)")
     p.add_argument("--merge-path", choices=("worker", "disk"), default="worker")
     p.add_argument("--concurrency", type=int, default=4, help="Score requests in flight")
     p.add_argument("--batch-size", type=int, default=8, help="reference forward batch")
@@ -425,8 +452,9 @@ def main(argv: list[str] | None = None) -> Path:
                          "compares against the plain base. The build's report.md has the "
                          "branched table (base, multitask, TTMM from the base and branched).")
     prefix = args.prefix_tokens or bench.query_tokens
-    methods = METHODS if not args.methods else [m for m in METHODS if m.key in args.methods]
-    unknown = set(args.methods or ()) - {m.key for m in METHODS}
+    every = METHODS + ([MATCHED] if bench.manifest.extras.get("multitask_matched") else [])
+    methods = every if not args.methods else [m for m in every if m.key in args.methods]
+    unknown = set(args.methods or ()) - {m.key for m in every}
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}")
     docs = bench.test_documents(args.test_docs, prefix, min_suffix=args.min_suffix,

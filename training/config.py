@@ -115,6 +115,14 @@ class BuildConfig:
         "and keep the one with the lower tuned perplexity (without tuning, 'auto' branches: "
         "it won on both corpora measured, see the notes)",
         const="on")
+    compute_matched: bool = knob(
+        True,
+        "when the experts branch from the multitask model, also train the compute-matched "
+        "fine-tuning baseline: the multitask adapter trained for as many tokens as the "
+        "branched library used in all (the same documents, twice the epochs: the multitask "
+        "pass plus the experts' pass), in the library's multitask-matched/ folder, a row of "
+        "the report's quality table. A plain library needs none: its experts make one pass "
+        "over the multitask adapter's documents, so that adapter is already compute-matched")
     # ---- Ray (optional: pip install 'ttmm-vllm[ray]'; training/ray_build.py)
     ray: str | None = knob(None, "train the experts as Ray tasks: 'local' (or the bare flag) "
                                  "starts a Ray on this machine, 'auto' joins the running "

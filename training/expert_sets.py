@@ -1,9 +1,11 @@
-"""Stage 4: the expert sets (and the multitask adapter), trained locally, sharded or on Ray.
+"""Stage 4: the expert sets (and the multitask adapters), trained locally, sharded or on Ray.
 
 Expert sets. `plain` experts are trained from the base (the paper; `experts/NNNN`); `branched`
 experts from the base with the multitask adapter folded in (training/branching.py;
 `branched/base`, `branched/experts/NNNN`). `--branch-from-multitask` decides which are trained;
 when both are, tuning decides which one the library serves (training/tune.py, `choose_set`).
+When the branched set is trained, so is the compute-matched baseline (`multitask-matched/`,
+training/multitask.py; `--no-compute-matched` skips it), beside the multitask adapter.
 
 Every adapter is written straight into the library folder, atomically with a checksum record
 (training/experts.py), so a killed build skips what it finished. With `--shard i/n` a process
@@ -53,10 +55,18 @@ class ExpertSet:
 
 @dataclass(frozen=True)
 class ExpertSets:
-    """What stage 4 trained: one or both expert sets, by name, and the multitask adapter."""
+    """What stage 4 trained: one or both expert sets, by name, the multitask adapter and the
+    compute-matched one (twice the epochs; trained with the branched set)."""
 
     sets: dict[str, ExpertSet]  # plain and/or branched, in that order
     multitask: ExpertResult | None
+    matched: ExpertResult | None = None
+
+
+def trains_matched(cfg: BuildConfig) -> bool:
+    """Whether the build trains the compute-matched baseline: with the branched experts (a
+    plain library's multitask adapter is compute-matched already), unless turned off."""
+    return cfg.compute_matched and cfg.trains_multitask and cfg.branch_mode != "off"
 
 
 def train_settings(cfg: BuildConfig) -> TrainSettings:
@@ -123,15 +133,22 @@ def train_expert_sets(ctx: BuildContext, corpus: Corpus,
     mode = cfg.branch_mode
     plain = ExpertSet(PLAIN, ctx.base, ctx.base_fingerprint, [])
     first = [] if mode == "on" else expert_jobs(ctx, texts, members, plain)
-    mt_job = None
+    mt_job = matched_job = None
     if cfg.trains_multitask:
         # the baseline trains as usual, its A included, even when the experts share one A
+        order = mt.multitask_order(members, cfg.seed)
         mt_job = mt.multitask_job(
-            texts, mt.multitask_order(members, cfg.seed), base_model=str(ctx.base),
-            base_fingerprint=ctx.base_fingerprint, settings=mt.baseline_settings(
-                train_settings(cfg)), seed=cfg.seed, out_dir=str(ctx.out / mt.FOLDER))
+            texts, order, base_model=str(ctx.base), base_fingerprint=ctx.base_fingerprint,
+            settings=mt.baseline_settings(train_settings(cfg)), seed=cfg.seed,
+            out_dir=str(ctx.out / mt.FOLDER))
+        if trains_matched(cfg):  # the same job, twice the epochs
+            matched_job = mt.multitask_job(
+                texts, order, base_model=str(ctx.base), base_fingerprint=ctx.base_fingerprint,
+                settings=mt.matched_settings(train_settings(cfg)), seed=cfg.seed,
+                out_dir=str(ctx.out / mt.MATCHED_FOLDER), name=mt.MATCHED_NAME)
+    baselines = [j for j in (mt_job, matched_job) if j is not None]
     t0 = time.perf_counter()
-    done = run_share(ctx, first + ([mt_job] if mt_job else []))
+    done = run_share(ctx, first + baselines)
     branched, second = None, []
     if mt_job is not None and mode != "off" and finished(mt_job) is not None:
         folded_dir, folded_fp = fold_multitask(ctx, finished(mt_job)["sha256"])
@@ -145,7 +162,7 @@ def train_expert_sets(ctx: BuildContext, corpus: Corpus,
                             "cached": not trained, "trained": len(trained),
                             "skipped": len(done) - len(trained)}
     missing = []
-    for job in first + ([mt_job] if mt_job else []) + second:
+    for job in first + baselines + second:
         if job.name in done:
             continue
         rec = finished(job)
@@ -169,8 +186,9 @@ def train_expert_sets(ctx: BuildContext, corpus: Corpus,
         ctx.timings[label] = {
             "seconds": round(sum(e.metrics.get("seconds", 0) for e in s.experts), 2),
             "cached": all(e.skipped for e in s.experts)}
-    multitask = done.get("multitask")
-    if multitask is not None:
-        ctx.timings["train: multitask"] = {"seconds": multitask.metrics.get("seconds"),
-                                           "cached": multitask.skipped}
-    return ExpertSets(sets, multitask)
+    multitask, matched = done.get(mt.NAME), done.get(mt.MATCHED_NAME)
+    for label, r in (("train: multitask", multitask),
+                     ("train: multitask, compute-matched", matched)):
+        if r is not None:
+            ctx.timings[label] = {"seconds": r.metrics.get("seconds"), "cached": r.skipped}
+    return ExpertSets(sets, multitask, matched)

@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,8 +127,14 @@ def _collate(batch: Sequence[Sequence[int]], pad_id: int):
     return ids, mask, labels
 
 
-def train_adapter(job: ExpertJob) -> TrainedAdapter:
-    """Train one LoRA adapter on `job.texts` (in that order); writes nothing."""
+def train_adapter(job: ExpertJob, on_epoch: Callable[[int, dict[str, tuple[Any, Any]]], None]
+                  | None = None) -> TrainedAdapter:
+    """Train one LoRA adapter on `job.texts` (in that order); writes nothing.
+
+    on_epoch(epoch, modules) is called after each epoch with a copy of the adapter so far:
+    the learning rate is constant and epoch 0 visits the documents in job order, so the
+    snapshot after epoch 0 of a 2-epoch job is exactly the 1-epoch adapter (one run gives
+    the equal-data and the compute-matched baselines)."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,15 +186,11 @@ def train_adapter(job: ExpertJob) -> TrainedAdapter:
             trained_tokens += int((labels[:, 1:] != -100).sum())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch, _adapter_modules(get_peft_model_state_dict(model)))
     bar.close()
 
-    state = get_peft_model_state_dict(model)
-    modules: dict[str, list[Any]] = {}
-    for key, t in state.items():
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-        mod, part = name.split(".lora_")
-        slot = 0 if part.startswith("A") else 1
-        modules.setdefault(mod, [None, None])[slot] = t.detach().to(torch.float32).clone()
+    modules = _adapter_modules(get_peft_model_state_dict(model))
     seconds = time.perf_counter() - t0
     head = losses[: max(1, len(losses) // 10)]
     tail = losses[-max(1, len(losses) // 10):]
@@ -201,7 +203,20 @@ def train_adapter(job: ExpertJob) -> TrainedAdapter:
         "seconds": round(seconds, 2),
         "tokens_per_s": round(trained_tokens / seconds, 1) if seconds > 0 else None,
     }
-    return TrainedAdapter({m: (a, b) for m, (a, b) in modules.items()}, metrics)
+    return TrainedAdapter(modules, metrics)
+
+
+def _adapter_modules(state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """PEFT's state dict -> module name -> (A, B), float32 copies."""
+    import torch
+
+    modules: dict[str, list[Any]] = {}
+    for key, t in state.items():
+        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        mod, part = name.split(".lora_")
+        slot = 0 if part.startswith("A") else 1
+        modules.setdefault(mod, [None, None])[slot] = t.detach().to(torch.float32).clone()
+    return {m: (a, b) for m, (a, b) in modules.items()}
 
 
 def share_a(model) -> None:

@@ -23,6 +23,7 @@ from training.context import BuildContext
 from training.documents import save_jsonl
 from training.expert_sets import BRANCHED
 from training.multitask import FOLDER as MULTITASK_FOLDER
+from training.multitask import MATCHED_FOLDER, matched_epochs
 from training.report import write_report
 from training.state import BuildState
 from training.tune import ood_threshold
@@ -76,14 +77,21 @@ def make_manifest(ctx: BuildContext, state: BuildState) -> Manifest:
         "routing_embedding": {k: routing.report[k] for k in ("requested", "chosen")},
         "build": cfg.to_json(),
     }
+    size = int(sum(len(m) for m in members))
     multitask = state.experts.multitask
     if multitask is not None:
         # an adapter of the base model, not of the serving base (which already holds it
         # when the experts are branched); trained with its own A even in a shared-A build
         extras["multitask"] = {"file": MULTITASK_FOLDER, "sha256": multitask.sha256,
-                               "size": int(sum(len(m) for m in members)),
-                               "rank": cfg.rank, "alpha": float(cfg.alpha),
+                               "size": size, "rank": cfg.rank, "alpha": float(cfg.alpha),
                                "adapts": "base_model"}
+    matched = state.experts.matched
+    if matched is not None:
+        # the same adapter trained for as many tokens as the branched library in all
+        extras["multitask_matched"] = {"file": MATCHED_FOLDER, "sha256": matched.sha256,
+                                       "size": size, "epochs": matched_epochs(cfg.epochs),
+                                       "rank": cfg.rank, "alpha": float(cfg.alpha),
+                                       "adapts": "base_model"}
     return Manifest(
         base_model=ModelRef(name=ctx.base.name, fingerprint=ctx.base_fingerprint,
                             path=str(ctx.base)),
@@ -98,7 +106,7 @@ def report(ctx: BuildContext, state: BuildState, manifest: Manifest) -> dict[str
     cfg = ctx.cfg
     docs, clustering, titles = state.corpus.docs, state.clustering, state.titles.titles
     members, tuning, routing = state.split.members, state.tuning, state.routing
-    mt = state.experts.multitask
+    mt, matched = state.experts.multitask, state.experts.matched
     router = manifest.router
     tune_section: dict[str, Any] = {
         "tuned": bool(tuning), "ood_threshold": router.ood_threshold,
@@ -131,6 +139,8 @@ def report(ctx: BuildContext, state: BuildState, manifest: Manifest) -> dict[str
                                                         for e in x.experts]))}
                         for n, x in state.experts.sets.items()},
         "multitask": None if mt is None else {"sha256": mt.sha256, **mt.metrics},
+        "multitask_matched": None if matched is None else {
+            "sha256": matched.sha256, "epochs": matched_epochs(cfg.epochs), **matched.metrics},
         "branch": state.choice.info,
         "routing": routing.report,
         "router": json.loads(json.dumps(router.__dict__)),

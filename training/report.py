@@ -39,6 +39,45 @@ def verdict(pair: dict[str, Any]) -> str:
     return f"{pair['a']} and {pair['b']} are within noise: difference {span}."
 
 
+def answer(pair: dict[str, Any]) -> str:
+    """Does a beat b (lower perplexity)? yes / no / not distinguishable, by the paired interval."""
+    if pair["hi"] < 0:
+        return "yes"
+    if pair["lo"] > 0:
+        return "no"
+    return "not distinguishable (interval includes 0)"
+
+
+QUESTIONS = {"finetuning": "Does TTMM (served default) beat compute-matched fine-tuning?",
+             "single": "Does merging beat the single best expert?",
+             "own": "Does merging beat the own-cluster expert?"}
+
+
+def _claims(ev: dict[str, Any]) -> list[str]:
+    """Three lines: the evaluation's `claims` answered from their paired intervals."""
+    pairs = {(p["a"], p["b"]): p for p in ev["pairs"]}
+    rows = ev["rows"]
+    lines = []
+    for key, claim in ev.get("claims", {}).items():
+        q, a, b = QUESTIONS[key], claim["a"], claim["b"]
+        p = pairs.get((a, b))
+        if p is None:
+            why = {"finetuning": "no multitask adapter (build with --multitask)"
+                   if claim.get("baseline") == "multitask" else
+                   "no compute-matched adapter (built with --no-compute-matched)",
+                   "single": "no TTMM 1 row (--active-counts without 1)"}.get(key, "no row")
+            lines.append(f"- {q} **not measured**: {why}.")
+            continue
+        d, ref = p["difference"], rows[b]["perplexity"]
+        rel = f"{_f(100 * d / ref, 1)}%; " if ref else ""
+        line = (f"- {q} **{answer(p)}**: {a} minus {b} = {_f(d)} perplexity ({rel}95% paired "
+                f"interval {_f(p['lo'])} to {_f(p['hi'])})")
+        if claim.get("note"):
+            line += f"; baseline: {claim['note']}"
+        lines.append(line + ".")
+    return lines
+
+
 def _summary(r: dict[str, Any]) -> list[str]:
     b, routing, ev = r["branch"], r["routing"], r.get("evaluation")
     lines = ["## Summary", ""]
@@ -58,6 +97,9 @@ def _summary(r: dict[str, Any]) -> list[str]:
             f"({served}) {_f(rows[served]['perplexity'])}, multitask fine-tuning "
             f"{_f(rows.get('multitask', {}).get('perplexity'))}, base "
             f"{_f(rows['base']['perplexity'])}.")
+        claims = _claims(ev)
+        if claims:
+            lines += [""] + claims
         lines += [""] + [f"- {verdict(p)}" for p in ev["pairs"]]
     else:
         lines.append("No test-document evaluation (built with --no-tune or without test "
@@ -156,10 +198,17 @@ def markdown(r: dict[str, Any]) -> str:
                     [[e["id"], e["title"], e["documents"], e["holdout"], e.get("tokens", "-"),
                       f"{_f(e.get('loss_first'), 3)} -> {_f(e.get('loss_last'), 3)}",
                       _f(e.get("seconds"), 1)] for e in r["experts"]])
-    if r.get("multitask"):
-        m = r["multitask"]
-        lines += ["", f"Multitask adapter: {m.get('documents')} documents, {m.get('tokens')} "
-                      f"tokens, {_f(m.get('seconds'), 1)} s."]
+    for key, label in (("multitask", "Multitask adapter"),
+                       ("multitask_matched", "Compute-matched multitask adapter")):
+        m = r.get(key)
+        if m:
+            lines += ["", f"{label}: {m.get('documents')} documents, {m.get('tokens')} "
+                          f"tokens, {m.get('steps')} steps, {_f(m.get('seconds'), 1)} s."]
+    if r.get("multitask") and not r.get("multitask_matched"):
+        lines += ["", "No compute-matched adapter: " + (
+            "the plain experts make one pass over the multitask adapter's documents, so the "
+            "equal-data multitask adapter is already compute-matched."
+            if "branched" not in r["expert_sets"] else "built with --no-compute-matched.")]
     lines += ["", "## Stages", ""]
     lines += _table(["stage", "seconds", "cached"],
                     [[n, _f(t.get("seconds"), 1), "yes" if t.get("cached") else ""]

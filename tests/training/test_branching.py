@@ -184,6 +184,105 @@ def test_report_has_the_quality_table_and_the_heat_map(compared):
         assert (compared / png).stat().st_size > 0
 
 
+# --------------------------------------------------------------------------- compute-matched
+
+
+MATCHED_ROW = "multitask, compute-matched (2 epochs)"
+
+
+def _record(adapter_dir: Path) -> dict:
+    return json.loads((adapter_dir / "ttmm-train.json").read_text())
+
+
+def test_compute_matched_adapter_trains_the_branched_librarys_tokens(compared, branched):
+    """multitask-matched/ is the multitask job for twice the epochs: the same documents, twice
+    the steps and tokens (the multitask pass plus the branched experts' pass), named in the
+    manifest like the multitask adapter, and reused (not retrained) by a rebuild."""
+    from ttmm_vllm.library import sha256_file
+
+    mt, matched = _record(compared / "multitask"), _record(compared / "multitask-matched")
+    m1, m2 = mt["metrics"], matched["metrics"]
+    assert m2["documents"] == m1["documents"] > 0
+    assert (m2["steps"], m2["tokens"]) == (2 * m1["steps"], 2 * m1["tokens"])
+    experts = [_record(compared / f"branched/experts/{k:04d}")["metrics"] for k in range(K)]
+    assert m2["tokens"] == m1["tokens"] + sum(e["tokens"] for e in experts)
+    assert matched["sha256"] != mt["sha256"]
+    for lib_dir in (compared, branched):
+        extras = Library.open(lib_dir).manifest.extras
+        x = extras["multitask_matched"]
+        assert (x["file"], x["epochs"], x["adapts"]) == ("multitask-matched", 2, "base_model")
+        assert x["size"] == extras["multitask"]["size"]
+        assert sha256_file(lib_dir / x["file"] / "adapter_model.safetensors") == x["sha256"]
+        assert x["sha256"] == matched["sha256"]  # the rebuild reused it
+        r = _report(lib_dir)
+        assert r["multitask_matched"]["tokens"] == m2["tokens"]
+        assert "train: multitask, compute-matched" in r["timings"]
+
+
+def test_report_answers_the_three_questions_with_compute_matched_fine_tuning(compared,
+                                                                             branched):
+    from training.report import QUESTIONS, answer
+
+    for lib_dir in (compared, branched):
+        ev = _report(lib_dir)["evaluation"]
+        rows, chosen = ev["rows"], ev["chosen"]
+        v = rows[MATCHED_ROW]
+        assert v["lo"] <= v["perplexity"] <= v["hi"]
+        assert v["perplexity"] != rows["multitask"]["perplexity"]
+        pairs = {(p["a"], p["b"]): p for p in ev["pairs"]}
+        served = ev["served_row"]
+        for pair in ((served, MATCHED_ROW), ("branched TTMM 10", MATCHED_ROW),
+                     (f"{chosen} TTMM 10", f"{chosen} TTMM 1"),
+                     (f"{chosen} TTMM 10", f"{chosen} own expert")):
+            assert pair in pairs, pair
+            p = pairs[pair]
+            assert p["lo"] <= p["hi"] and 0 <= p["p_a_better"] <= 1
+        claims = ev["claims"]
+        # a branched set is matched by the 2-epoch adapter, a plain one by the 1-epoch one
+        assert claims["finetuning"]["b"] == (MATCHED_ROW if chosen == "branched"
+                                             else "multitask")
+        assert (claims["single"]["b"], claims["own"]["b"]) == (f"{chosen} TTMM 1",
+                                                               f"{chosen} own expert")
+        md = (lib_dir / "report.md").read_text()
+        assert f"| {MATCHED_ROW} |" in md  # the quality table's row
+        for key, q in QUESTIONS.items():
+            c = claims[key]
+            p = pairs[(c["a"], c["b"])]
+            line = next(x for x in md.splitlines() if x.startswith(f"- {q} "))
+            assert line.startswith(f"- {q} **{answer(p)}**: {c['a']} minus {c['b']} = ")
+            assert f"interval {p['lo']:.2f} to {p['hi']:.2f}" in line
+    assert ev["chosen"] == "branched"  # the last one: --branch-from-multitask on
+
+
+@pytest.mark.parametrize(("pair", "want"), [
+    ({"lo": -2.0, "hi": -0.1}, "yes"), ({"lo": 0.1, "hi": 3.0}, "no"),
+    ({"lo": -1.0, "hi": 1.0}, "not distinguishable (interval includes 0)")])
+def test_answer_follows_the_paired_interval(pair, want):
+    from training.report import answer
+
+    assert answer({"difference": (pair["lo"] + pair["hi"]) / 2, **pair}) == want
+
+
+@pytest.mark.parametrize(("kw", "matched"), [
+    ({"multitask": True}, True),  # compare: the branched set is trained
+    ({"branch_from_multitask": "on"}, True),
+    ({"multitask": True, "branch_from_multitask": "off"}, False),  # plain: already matched
+    ({}, False),
+    ({"multitask": True, "compute_matched": False}, False),
+])
+def test_compute_matched_adapter_only_with_the_branched_set(kw, matched):
+    from training.config import BuildConfig
+    from training.expert_sets import trains_matched
+    from ttmm_vllm.cli import build_parser
+
+    cfg = BuildConfig(corpus="c.jsonl", out=Path("lib"), base_model=Path("m"),
+                      embedder=Path("e"), **kw)
+    assert trains_matched(cfg) is matched
+    args = build_parser().parse_args(["build", "--corpus", "c", "--base-model", "m", "--out",
+                                      "o", "--no-compute-matched"])
+    assert args.compute_matched is False
+
+
 @pytest.mark.parametrize(("kw", "mode", "multitask"), [
     ({"multitask": True}, "compare", True),  # the default: both sets, the holdout decides
     ({"multitask": True, "tune": False}, "on", True),  # nothing to compare on: branch

@@ -85,9 +85,10 @@ def test_titles_name_each_clusters_topic(built, corpus):
     for e in lib.manifest.experts:
         topic = Counter(topic_of[i] for i, c in zip(ids, labels, strict=True)
                         if c == e.id).most_common(1)[0][0]
-        terms = e.title.split(" (e.g.")[0].split(", ")
-        assert len(terms) == 3 and set(terms) <= set(tiny.TOPICS[topic]), e.title
-        assert f"(e.g. {topic.title()} " in e.title
+        central, terms = e.title.rsplit(": ", 1)  # 'Central Title, ...: term, term, term'
+        assert len(terms.split(", ")) == 3 and set(terms.split(", ")) <= set(
+            tiny.TOPICS[topic]), e.title
+        assert central.startswith(f"{topic.title()} "), e.title
 
 
 def test_each_expert_loads_alone_with_peft_and_matches_the_mixer(built, tiny_model_dir):
@@ -174,6 +175,56 @@ def test_multitask_adapter_is_in_the_library(built, tiny_model_dir):
     assert sha256_file(built / mt["file"] / ADAPTER_WEIGHTS) == mt["sha256"]
     assert mt["size"] == sum(e.size for e in lib.manifest.experts)
     assert read_adapter(built / mt["file"]).rank == 16
+
+
+def test_plain_library_has_no_compute_matched_adapter(built):
+    """Plain experts make one pass over the multitask adapter's documents: that adapter is
+    the compute-matched baseline already, no second one is trained, and the report says so."""
+    assert (built / "multitask").is_dir() and not (built / "multitask-matched").exists()
+    assert "multitask_matched" not in Library.open(built).manifest.extras
+    report = json.loads((built / "report.json").read_text())
+    assert report["multitask_matched"] is None
+    assert not any("compute-matched" in stage for stage in report["timings"])
+    md = (built / "report.md").read_text()
+    assert "No compute-matched adapter: the plain experts make one pass over the multitask " \
+           "adapter's documents, so the equal-data multitask adapter is already " \
+           "compute-matched." in md
+    assert "multitask, compute-matched" not in md
+
+
+def test_plain_claims_compare_against_the_equal_data_adapter():
+    """The report's three lines for a plain library, from constructed per-document scores:
+    TTMM against the (equal-data, compute-matched) multitask adapter, merging against the
+    single best and the own expert; a missing row is 'not measured', not a verdict."""
+    from training.quality import served_claims, summarise
+    from training.report import QUESTIONS, _claims
+
+    rng = np.random.default_rng(0)
+    tokens = np.full(40, 50)
+    base = rng.uniform(100, 200, 40)
+    rows = {"multitask": (base * 1.0, tokens), "plain TTMM 3": (base * 0.8, tokens),
+            "plain TTMM 10": (base * 0.8, tokens), "plain TTMM 1": (base * 0.9, tokens),
+            "plain own expert": (base * 0.8 + rng.normal(0, 1, 40), tokens)}
+    claims = served_claims("plain", "plain TTMM 3", 10, "multitask", rows)
+    assert [(c["a"], c["b"]) for c in claims.values()] == [
+        ("plain TTMM 3", "multitask"), ("plain TTMM 10", "plain TTMM 1"),
+        ("plain TTMM 10", "plain own expert")]
+    ev = summarise(rows, np.zeros(40, dtype=int), 1,
+                   [(c["a"], c["b"]) for c in claims.values()]) | {"claims": claims}
+    lines = _claims(ev)
+    assert len(lines) == 3
+    assert lines[0].startswith(f"- {QUESTIONS['finetuning']} **yes**: plain TTMM 3 minus "
+                               "multitask = ")
+    assert "equal-data multitask adapter" in lines[0] and "compute-matched" in lines[0]
+    assert lines[1].startswith(f"- {QUESTIONS['single']} **yes**: ")
+    assert lines[2].startswith(f"- {QUESTIONS['own']} **not distinguishable (interval "
+                               "includes 0)**: ")
+    # no multitask adapter: the question is not answered
+    del rows["multitask"]
+    claims = served_claims("plain", "plain TTMM 3", 10, "multitask", rows)
+    ev = summarise(rows, np.zeros(40, dtype=int), 1, []) | {"claims": claims}
+    assert _claims(ev)[0] == (f"- {QUESTIONS['finetuning']} **not measured**: no multitask "
+                              "adapter (build with --multitask).")
 
 
 # --------------------------------------------------------------------------- resume, shards
