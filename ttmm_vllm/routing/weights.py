@@ -58,8 +58,9 @@ def entropy(w: Sequence[float]) -> float:
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """Unit-norm rows (float32): embeddings and centroids live on the unit sphere, where the
-    inner product the index searches is the cosine similarity."""
+    inner product the index searches is the cosine similarity. A row too short to have a
+    direction (norm <= 1e-12) becomes zeros, never a vector of some arbitrary small length."""
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
+    return x / np.where(n > 1e-12, n, np.inf)
 
