@@ -157,3 +157,52 @@ def test_gpu_smoke_runs_the_gpu_path_on_vllm_stock_ops(tmp_path):
     assert all(len(p["experts"]) > 1 and p["merged_rank"] == 4 and p["compression_error"] == 0
                for p in res["prompts"])
     assert _finite(res["throughput"]["ratio"]) and res["throughput"]["ratio"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_scaling_smoke_writes_every_row_pair_and_the_plot(tmp_path):
+    """`benchmarks.scaling --smoke`: the K sweep on the tiny model writes a row per method and
+    K (plain TTMM 1 and 10, own expert, the served rank-b merge), the baselines, the branched and
+    shared-A rows, every paired difference with its interval, and the plot; a rerun resumes
+    from the stage cache without training anything."""
+    env = dict(os.environ, **OFFLINE_ENV)
+    cmd = [sys.executable, "-m", "benchmarks.scaling", "--smoke", "--assets",
+           str(tmp_path / "assets"), "--out", str(tmp_path / "out"), "--work",
+           str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    rows = res["rows"]
+    expected = {"base", "multitask-1ep", "multitask-2ep"}
+    for k in (2, 4):
+        expected |= {f"plain-k{k}/{m}" for m in ("ttmm1", "ttmm10", "own",
+                                                 "ttmm10-rank4")}
+    expected |= {f"{s}-k2/{m}" for s in ("branched", "shared-a")
+                 for m in ("ttmm1", "ttmm10", "own")}
+    assert set(rows) == expected
+    assert all(_finite(r["perplexity"], r["lo"], r["hi"]) and r["lo"] <= r["hi"]
+               for r in rows.values())
+    assert rows["plain-k4/ttmm10-rank4"]["rel_error_max"] > 0  # 4 rank-4 experts -> rank 4
+    questions = {p["question"] for p in res["pairs"]}
+    assert {"merging vs the top expert", "TTMM 10: K=4 vs K=2",
+            "branched TTMM vs fine-tuning, equal compute",
+            "shared-A experts vs ordinary (TTMM 10)"} <= questions
+    assert all(p["lo"] <= p["hi"] for p in res["pairs"])
+    report = (tmp_path / "out" / "scaling.md").read_text()
+    assert "| TTMM 10 |" in report and "## Plainly" in report
+    assert (tmp_path / "out" / "scaling.png").stat().st_size > 0
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert again.returncode == 0 and "training the multitask" not in again.stderr + again.stdout
+
+
+def test_lm_eval_task_is_a_rolling_loglikelihood_task_over_local_data(tmp_path):
+    import yaml
+
+    from benchmarks.lm_eval_task import TASK, task_yaml
+
+    data = tmp_path / "docs.jsonl"
+    cfg = yaml.safe_load(task_yaml(data))
+    assert cfg["task"] == TASK and cfg["output_type"] == "loglikelihood_rolling"
+    assert cfg["dataset_path"] == "json"
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str(data.resolve())
+    assert cfg["doc_to_target"] == "{{text}}" and cfg["test_split"] == "test"
