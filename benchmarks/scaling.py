@@ -159,13 +159,12 @@ class ExpertSet:
 
 
 def settings(sw: Sweep, **kw: Any):
-    from training.config import BuildConfig
     from training.experts import TrainSettings
+    from ttmm_vllm.library import LLAMA_TARGETS
 
     return TrainSettings(rank=sw.rank, alpha=float(sw.rank), lr=sw.lr, batch_size=sw.batch_size,
-                         max_tokens=sw.max_tokens,
-                         target_modules=tuple(BuildConfig.__dataclass_fields__[
-                             "target_modules"].default), threads=sw.threads, **kw)
+                         max_tokens=sw.max_tokens, target_modules=LLAMA_TARGETS,
+                         threads=sw.threads, **kw)
 
 
 def train_multitask(sw: Sweep, work: Path, data: Data) -> tuple[str, str]:

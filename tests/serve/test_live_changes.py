@@ -16,6 +16,7 @@ import grpc
 import pytest
 import torch
 
+from tests.serve.mixed_load import mixed_request
 from ttmm_vllm.client import TTMMClient
 from ttmm_vllm.library import (
     PENDING_EXPERT,
@@ -230,28 +231,7 @@ def test_soak_with_admin_changes_leaves_nothing_behind(loop, live, live_library)
 
     def one(i):
         with _client(live) as c:
-            kind = i % 4
-            kw = dict(max_tokens=16, beta=0.05 + 0.05 * (i % 5), max_active=1 + i % 3)
-            p = TOPIC_PROMPTS[i % 4] + " the" * (i % 3)
-            if kind == 0:
-                c.generate(p, timeout=120, **kw)
-                return "completed"
-            if kind == 1:
-                s = c.stream(p, **{**kw, "max_tokens": 200})
-                next(s)
-                s.cancel()
-                return "cancelled"
-            if kind == 2:
-                try:
-                    c.generate(p, timeout=0.05, **{**kw, "max_tokens": 200})
-                    return "completed"
-                except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                    return "deadline"
-            with pytest.raises(grpc.RpcError) as e:
-                c.generate(p, timeout=30, **{**kw, "beta": -1.0})
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            return "invalid"
+            return mixed_request(c, i, TOPIC_PROMPTS, invalid=True)
 
     def admin_cycle(expert_id):
         """Add an expert routed like expert 0, let requests use it, then remove it."""

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.certs import PKI
+from tests.serve.mixed_load import mixed_request
 from ttmm_vllm.client import TTMMClient
 from ttmm_vllm.serve.grpc_server import Server, ServerConfig
 from ttmm_vllm.stubs import SERVICE_NAME, pb2
@@ -171,23 +172,7 @@ def test_soak_leaves_nothing_behind(target, server, baseline):
 
     def one(i):
         with TTMMClient(target) as c:
-            kind = i % 3
-            kw = dict(max_tokens=24, beta=0.05 + 0.05 * (i % 7), max_active=1 + i % 3)
-            p = prompts[i % 4] + " the" * (i % 5)
-            if kind == 0:
-                c.generate(p, timeout=120, **kw)
-                return "completed"
-            if kind == 1:
-                s = c.stream(p, **{**kw, "max_tokens": 200})
-                next(s)
-                s.cancel()
-                return "cancelled"
-            try:
-                c.generate(p, timeout=0.05, **{**kw, "max_tokens": 240})
-                return "completed"
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                return "deadline"
+            return mixed_request(c, i, prompts, max_tokens=24)
 
     def round_(n):
         with ThreadPoolExecutor(24) as pool:

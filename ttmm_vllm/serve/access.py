@@ -164,6 +164,17 @@ class Access:
         return Client(identity=identity, groups=groups, authenticated=authenticated)
 
 
+def check_tls(cert: str | None, key: str | None, client_ca: str | None) -> None:
+    """The TLS flags both doors take: a certificate needs its key, and mutual TLS needs TLS
+    (a client CA alone would leave the door listening in plaintext). ValueError otherwise."""
+    if bool(cert) != bool(key):
+        raise ValueError("TLS needs both a certificate and its key (--tls-cert and "
+                         "--tls-key); only one was given")
+    if client_ca and not cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: "
+                         "without them the server would listen in plaintext")
+
+
 def check_auth(tokens: Any, admin_tokens: Any, client_groups: Any) -> None:
     """Refuse an authentication configuration that would not mean what it says (ValueError
     naming the field): a string where a list belongs (a set of its characters would let any

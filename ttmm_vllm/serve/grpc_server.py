@@ -85,7 +85,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         """Refuse a configuration that would not do what it says, with a one-line message."""
-        from ttmm_vllm.serve.access import check_auth
+        from ttmm_vllm.serve.access import check_auth, check_tls
 
         check_auth(self.tokens, self.admin_tokens, self.client_groups)
         # normalised (lists from a JSON file become the types above)
@@ -93,12 +93,7 @@ class ServerConfig:
         object.__setattr__(self, "admin_tokens", frozenset(self.admin_tokens))
         object.__setattr__(self, "client_groups",
                            {k: tuple(v) for k, v in self.client_groups.items()})
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("TLS needs both a certificate and its key (--tls-cert and "
-                             "--tls-key); only one was given")
-        if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: "
-                             "without them the server would listen in plaintext")
+        check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_inflight_per_client is not None and self.max_inflight_per_client < 1:

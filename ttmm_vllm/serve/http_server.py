@@ -63,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ttmm_vllm.routing.router import Mode, Routing
-from ttmm_vllm.serve.access import Access
+from ttmm_vllm.serve.access import Access, check_tls
 from ttmm_vllm.serve.chat import ROLE_ALIASES, ChatMessage
 from ttmm_vllm.serve.engine_api import Sampling
 from ttmm_vllm.serve.errors import (
@@ -110,12 +110,7 @@ class HttpConfig:
     tls_client_ca: str | None = None
 
     def __post_init__(self) -> None:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("TLS needs both a certificate and its key (--tls-cert and "
-                             "--tls-key); only one was given")
-        if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: "
-                             "a client certificate is only asked for over TLS")
+        check_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     @property
     def scheme(self) -> str:
