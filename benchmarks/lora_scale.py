@@ -14,8 +14,11 @@ of 10 random experts (random weights), greedy, fixed length:
 Decode and prefill are timed apart from per-token timestamps (DELTA outputs): decode tokens/s
 counts the tokens produced after every request has its first token, over that window.
 Admission is the time vLLM takes to build and register one request's adapter (in-worker: read
-the request's experts, merge), in ms and in base token times (one token for every request in flight: the base's
-step time at this concurrency). Memory is the worker's resident set after the row.
+the request's experts, merge), in ms and in base token times (one token for every request in
+flight: the base's step time at this concurrency), measured twice: cold (each expert's first
+use: read from disk and checksummed, once per worker) and in steady state (the same routings
+again). Ratios are medians of `--repeats` paired rounds (base, then the path). Memory is the
+worker's resident set after the row.
 
 One base engine and one plugin engine serve every K (a routing adapter names its library;
 the worker loads a library's bank on first use and drops the previous size's when done).
@@ -47,6 +50,7 @@ class ScaleRow:
     total_tok_s: float
     admission_ms: float = float("nan")
     admission_base_tokens: float = float("nan")
+    admission_cold_ms: float = float("nan")  # experts' first use: read and checksum
     worker_rss_gb: float = float("nan")
     decode_ratio: float = float("nan")
     total_ratio: float = float("nan")
@@ -139,6 +143,25 @@ async def measure(llm, prompts, loras, new_tokens: int) -> dict[str, float]:
             "total_tok_s": sum(len(s) for s in stamps) / (end - t0)}
 
 
+async def admit_all(llm, rts, lib: Path, strategy: str, first_id: int) -> tuple[list, list]:
+    """Register one routing adapter per routing (ids first_id + 1, ...): (ms each, requests)."""
+    from ttmm_vllm.vllm_plugin.config import routing_request
+
+    times, reqs = [], []
+    for i, (ids, ws) in enumerate(rts, start=first_id + 1):
+        req = routing_request(i, str(lib), ids, ws, strategy=strategy)
+        t0 = time.perf_counter()
+        await llm.add_lora(req)  # the worker builds the merge now
+        times.append((time.perf_counter() - t0) * 1e3)
+        reqs.append(req)
+    return times, reqs
+
+
+def step_ms(base_runs: list[dict[str, float]], requests: int) -> float:
+    """The base's decode step time (median over runs): one token for every request in flight."""
+    return 1e3 * requests / statistics.median(r["decode_tok_s"] for r in base_runs)
+
+
 def worker_rss_gb() -> float:
     """Resident memory of the largest vLLM worker (the plugin engine's: it holds the experts)."""
     import psutil
@@ -153,7 +176,6 @@ async def run_scale(args, model_dir: Path, work: Path, w) -> list[ScaleRow]:
     from benchmarks.engines import EngineSpec, start_engine
     from ttmm_vllm.serve.engine_api import EngineConfig
     from ttmm_vllm.serve.serving_path import choose
-    from ttmm_vllm.vllm_plugin.config import routing_request
 
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     rng = random.Random(w.seed)
@@ -170,12 +192,11 @@ async def run_scale(args, model_dir: Path, work: Path, w) -> list[ScaleRow]:
             t0 = time.perf_counter()
             libs = build_libraries(work / "libraries", model_dir, k, args.distinct_experts)
             print(f"K={k}: libraries written in {time.perf_counter() - t0:.0f} s", flush=True)
-            b = await measure(base, prompts, [None] * w.requests, w.new_tokens)
-            base_row = ScaleRow("base", k, **b, decode_ratio=1.0, total_ratio=1.0)
-            rows.append(base_row)
-            step_ms = 1e3 * w.requests / b["decode_tok_s"]  # one token for every request
-            print(f"  base: decode {b['decode_tok_s']:.1f} tok/s", flush=True)
+            first = await measure(base, prompts, [None] * w.requests, w.new_tokens)  # warm
+            print(f"  base: decode {first['decode_tok_s']:.1f} tok/s", flush=True)
+            base_runs = []  # the rounds' (a base run paired with each path run)
             rts = routings(k, w.requests, w.seed)
+            path_rows = []
             for path in PATHS:
                 if path == "mix" and k * RANK > args.mix_max_rank:
                     print(f"  mix: skipped (its resident bank would hold {k} x {RANK} ranks "
@@ -183,30 +204,50 @@ async def run_scale(args, model_dir: Path, work: Path, w) -> list[ScaleRow]:
                     continue
                 lib = libs["shared" if path.startswith("shared") else "plain"]
                 strategy = "mix" if path == "mix" else "expand"
-                loras = []
-                admit = []
-                for ids, ws in rts:
-                    next_id += 1
-                    req = routing_request(next_id, str(lib), ids, ws, strategy=strategy)
-                    t1 = time.perf_counter()
-                    await plugin.add_lora(req)  # the worker builds the merge now
-                    admit.append((time.perf_counter() - t1) * 1e3)
-                    loras.append(req)
-                admit_ms = statistics.median(admit[1:] or admit)  # the first loads the bank
-                info = await plugin.collective_rpc("ttmm_adapter_info", args=(next_id,))
-                m = await measure(plugin, prompts, loras, w.new_tokens)
-                row = ScaleRow(path, k, **m, admission_ms=admit_ms,
-                               admission_base_tokens=admit_ms / step_ms,
-                               worker_rss_gb=worker_rss_gb(),
-                               decode_ratio=m["decode_tok_s"] / b["decode_tok_s"],
-                               total_ratio=m["total_tok_s"] / b["total_tok_s"],
-                               extra={"built": info[0] if info else None})
-                rows.append(row)
-                print(f"  {path}: decode {m['decode_tok_s']:.1f} tok/s ({row.decode_ratio:.2f}x), "
-                      f"admission {admit_ms:.1f} ms ({row.admission_base_tokens:.2f} base "
-                      f"tokens), worker {row.worker_rss_gb:.1f} GB", flush=True)
+                # Twice: cold (the worker reads and checksums each expert on its first use),
+                # then the same routings again as new adapters: steady state (experts verified,
+                # and cached while the LRU holds them).
+                cold, loras = await admit_all(plugin, rts, lib, strategy, next_id)
+                next_id += len(rts)
                 for req in loras:
                     await plugin.remove_lora(req.lora_int_id)
+                admit, loras = await admit_all(plugin, rts, lib, strategy, next_id)
+                next_id += len(rts)
+                admit_ms = statistics.median(admit)
+                cold_ms = statistics.median(cold[1:] or cold)  # the first loads the bank
+                info = await plugin.collective_rpc("ttmm_adapter_info", args=(next_id,))
+                # Paired rounds, base then path, back to back: the ratio is the median of the
+                # rounds' ratios, so drift on a shared machine cancels within a pair.
+                runs, ratios, totals = [], [], []
+                for _ in range(args.repeats):
+                    b = await measure(base, prompts, [None] * w.requests, w.new_tokens)
+                    base_runs.append(b)
+                    m = await measure(plugin, prompts, loras, w.new_tokens)
+                    runs.append(m)
+                    ratios.append(m["decode_tok_s"] / b["decode_tok_s"])
+                    totals.append(m["total_tok_s"] / b["total_tok_s"])
+                m = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+                row = ScaleRow(path, k, **m, admission_ms=admit_ms,
+                               admission_base_tokens=admit_ms / step_ms(
+                                   base_runs[-args.repeats:], w.requests),
+                               worker_rss_gb=worker_rss_gb(),
+                               decode_ratio=statistics.median(ratios),
+                               total_ratio=statistics.median(totals),
+                               admission_cold_ms=cold_ms,
+                               extra={"built": info[0] if info else None,
+                                      "decode_ratios": ratios})
+                path_rows.append(row)
+                print(f"  {path}: decode {m['decode_tok_s']:.1f} tok/s ({row.decode_ratio:.2f}x,"
+                      f" rounds {', '.join(f'{x:.2f}' for x in ratios)}), admission "
+                      f"{admit_ms:.1f} ms ({row.admission_base_tokens:.2f} base tokens; cold "
+                      f"{cold_ms:.1f} ms), "
+                      f"worker {row.worker_rss_gb:.1f} GB", flush=True)
+                for req in loras:
+                    await plugin.remove_lora(req.lora_int_id)
+            b = {key: statistics.median(r[key] for r in base_runs) for key in base_runs[0]}
+            rows.append(ScaleRow("base", k, **b, decode_ratio=1.0, total_ratio=1.0,
+                                 extra={"rounds": len(base_runs)}))
+            rows += path_rows
             defaults = EngineConfig()
             for shared, label in ((False, "default"), (True, "default, shared-A library")):
                 picked = choose(requested=defaults.worker_merge, shared_a=shared,
@@ -231,20 +272,27 @@ def write_scale_report(out: Path, rows: list[ScaleRow], config: dict) -> None:
     (out / "scale.json").write_text(json.dumps(
         {"config": config, "rows": [asdict(r) for r in rows]}, indent=2))
     lines = ["| library size K | path | decode tok/s | decode ratio | total ratio | "
-             "admission ms | admission (base tokens) | worker GB |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "admission ms | admission (base tokens) | admission, cold ms | worker GB |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         path = f"{r.path} (= {r.resolved})" if r.path.startswith("default") else r.path
         lines.append(f"| {r.library_size} | {path} | {r.decode_tok_s:.1f} | "
                      f"{r.decode_ratio:.2f} | {r.total_ratio:.2f} | {r.admission_ms:.1f} | "
-                     f"{r.admission_base_tokens:.2f} | {r.worker_rss_gb:.1f} |")
+                     f"{r.admission_base_tokens:.2f} | {r.admission_cold_ms:.1f} | "
+                     f"{r.worker_rss_gb:.1f} |")
     w = config["workload"]
     (out / "scale.md").write_text(
         f"# Decode throughput against library size ({config['model_name']})\n\n"
         f"`{config['command']}`\n\n{w['requests']} concurrent requests, each its own routing "
         f"of {ACTIVE} random rank-{RANK} experts, {w['new_tokens']} new tokens after "
-        f"{w['prompt_tokens']}-token prompts; fp32, {config['cpus']} CPUs; ratios to the base "
-        "model (LoRA disabled) measured in the same run for each K.\n\n"
+        f"{w['prompt_tokens']}-token prompts; fp32, {config['cpus']} CPUs, thread layout "
+        f"{config.get('cpu_layout')}. Ratios to the base model (LoRA disabled): the median "
+        f"of {config.get('repeats', 1)} paired rounds (base then path, back to back) per row; "
+        "tok/s columns are medians of the rounds. Admission: the median time to build one "
+        "request's adapter in the worker, and that over the base's step time (one token for "
+        "every request in flight), in steady state: the same routings registered a second "
+        "time, so every expert has been read and checksummed once (cold: their first use, "
+        "which `ttmm serve`'s worker pays once per expert).\n\n"
         + "\n".join(lines) + "\n")
     import matplotlib
 

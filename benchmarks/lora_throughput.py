@@ -421,6 +421,10 @@ def run_config(args, model_dir: Path, w: Workload) -> dict:
         "vllm": vllm.__version__, "torch": torch.__version__, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cpu_layout": {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND",
+                                                   "VLLM_CPU_NUM_OF_RESERVED_CPU")
+                       if k in os.environ} or "vLLM's defaults",
+        "repeats": getattr(args, "repeats", 1),
     }
 
 
@@ -445,6 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix-max-rank", type=int, default=4096,
                    help="with --library-size: skip 'mix' when K x rank exceeds this (its bank "
                    "holds every expert; default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="with --library-size: paired (base, path) rounds per path; the ratio "
+                   "is their median (default: %(default)s)")
+    p.add_argument("--cpu-layout", choices=("serve", "vllm"), default="serve",
+                   help="the worker's thread layout: 'serve' applies what `ttmm serve` picks "
+                   "for this machine (serve/cpu_layout.py), 'vllm' leaves vLLM's default")
     p.add_argument("--profile", nargs="*", default=[],
                    help="py-spy the worker during rows whose name contains one of these "
                         "(timings of those rows include the sampler's overhead)")
@@ -457,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None:
         args.out = f"benchmarks/results/lora_throughput{'-smoke' if args.smoke else ''}"
     offline_env()
+    if args.cpu_layout == "serve":  # what `ttmm serve` runs with, so "default" rows are its
+        from ttmm_vllm.serve.cpu_layout import apply_cpu_layout
+
+        apply_cpu_layout()
     asyncio.run(amain(args))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from benchmarks.quality import METHODS
 from benchmarks.throughput import MODES
 from ttmm_vllm.home import OFFLINE_ENV
+from ttmm_vllm.serve.serving_path import MIX_MAX_RANK
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,7 +117,8 @@ def test_library_size_smoke_reports_every_path(tmp_path):
     env = dict(os.environ, **OFFLINE_ENV)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.lora_throughput", "--smoke", "--library-size", "4",
-         "32", "--distinct-experts", "8", "--mix-max-rank", "256", "--out", str(tmp_path)],
+         "32", "--distinct-experts", "8", "--mix-max-rank", "256", "--repeats", "2",
+         "--out", str(tmp_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
@@ -128,7 +131,13 @@ def test_library_size_smoke_reports_every_path(tmp_path):
     for r in rows:
         assert _finite(r["decode_tok_s"], r["decode_ratio"]) and r["decode_tok_s"] > 0
         if r["path"] == "default":
-            assert r["resolved"] == ("mix" if r["library_size"] * 16 <= 256 else "expand")
+            assert r["resolved"] == ("mix" if r["library_size"] * 16 <= MIX_MAX_RANK
+                                     else "expand")
+        if r["path"] in ("mix", "expand", "shared-A expand"):  # paired rounds, median ratio
+            assert len(r["extra"]["decode_ratios"]) == 2
+            assert _finite(r["admission_ms"], r["admission_cold_ms"])  # steady state, cold
+            assert r["decode_ratio"] == pytest.approx(statistics.median(
+                r["extra"]["decode_ratios"]))
         if r["path"] == "default, shared-A library":
             assert r["resolved"] == "shared-A expand"
     built = {(r["path"], r["library_size"]): r["extra"]["built"] for r in rows

@@ -11,24 +11,42 @@ computes per token and LoRA projection (in -> out), and reads per step:
         b * (in + out) per token, and S * b * (in + out) weights read per step
         (shared-A experts: one shrink for every slot, ops.shared_a_lora_linear, and b = r)
 
-Slots cost does not depend on K; mix grows with the union. Measured on SmolLM2-135M with 32
-concurrent requests, 10 random rank-16 experts each (benchmarks/results/lora_throughput/
-scale.md: `python -m benchmarks.lora_throughput --library-size 16 64 256 1024`), decode
-throughput as a ratio to the base model:
+Slots cost does not depend on K; mix grows with the union. On a CPU the two are bound by
+different things, which sets the threshold below (SmolLM2-135M: sum(in + out) over a layer's
+projections is 10176, so an adapter of rank b holds b * 10176 * 30 weights):
+
+    mix:   2 * T * |U| * r * sum(in + out) flops, at the GEMM rate F (~90 GFLOP/s a core here)
+    slots: S * b * sum(in + out) * 4 bytes read (T = S at decode), at the streaming rate M of
+           a batched row-vector product (~12-14 GB/s a core here; 32 rank-16 slots read
+           622 MB a step, more than the base model's 540 MB of weights)
+    mix / slots = |U| * r * M / (2 * b * F) ~= |U| * r / 240 at b = 16
+
+so mix wins (and costs nothing at admission) while the union's rank is well under ~240, and
+loses above it. Measured on SmolLM2-135M with 32 concurrent requests, 10 random rank-16 experts
+each (benchmarks/results/lora_throughput/scale.md: `python -m benchmarks.lora_throughput
+--library-size 16 64 256 1024`), decode throughput as a ratio to the base model:
 
     K                         16     64     256    1024
-    mix                       0.56   0.25   0.08   (bank of 20 GB: not run)
-    slots, compressed to 16   0.65   0.65   0.50   0.72
-    slots, shared-A (exact)   0.74   0.70   0.64   0.84
+    mix                       0.47   0.24   0.07   (bank of 20 GB: not run)
+    slots, compressed to 16   0.65   0.67   0.68   0.66
+    slots, shared-A (exact)   0.72   0.72   0.73   0.75
 
-(one run; the machine is shared and runs differ by about 0.1). So:
+(`ttmm serve`'s thread layout; medians of 3 paired rounds, which still differ by ~0.05 on
+this shared machine). The slots' ceiling here is memory, not the op: 32 rank-16 slots read
+625 MB a step, and the plugin's op over them takes ~34-42 ms against the base's ~87 ms step
+(benchmarks/results/decode_bound: a bare `bmm` over the same buffers ~28 ms), so compressed
+slots cannot decode faster than ~0.68-0.72x of the base on this CPU, at any K; shared-A slots
+read half (no A per slot), ceiling ~0.80. The same count for a 1B Llama gives ~0.93: the
+ceiling is set by the adapter's share of the model's weights, 4.6% per rank-16 slot here. So:
 
 - shared-A libraries (`LoraSpec.shared_a`): slots ("expand") at rank r, always. The merge
   (sum_k w_k s_k B_k) A is exact at rank r and costs one weighted sum of B's at admission.
-- other libraries: "mix" while the whole library is small (K * r <= MIX_MAX_RANK: exact, and
-  within about 0.1 of compressed slots), "expand" compressed to rank b above it (its error is
-  reported per request as `compression_error`; admission computes the optimal rank-b
-  approximation, about 0.5 s per request on SmolLM2).
+- other libraries: "mix" while the whole library is small (K * r <= MIX_MAX_RANK = 128: its
+  union then costs at most about half a slot batch, and it is exact with nothing to build),
+  "expand" compressed to rank b above it (its error is reported per request as
+  `compression_error`; admission computes the optimal rank-b approximation: 0.26-0.54 s a
+  request in the worker on SmolLM2, 3-6 base decode steps, and at least ~1.5 of them however
+  it is computed, since the two R x R Grams that make the error exact are 15.6 GFLOP).
 - GPUs: the plugin's ops are CPU-only, so always "expand" through vLLM's own LoRA kernels
   (bf16/fp16: vLLM's Triton kernels take nothing else).
 
@@ -40,7 +58,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Above this total library rank (K * r), "auto" serves ordinary libraries from slots, not mix.
-MIX_MAX_RANK = 256
+MIX_MAX_RANK = 128
 
 # vLLM accepts only these max_lora_rank values.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
