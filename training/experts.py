@@ -364,12 +364,18 @@ def train_all(jobs: Sequence[ExpertJob], *, workers: int = 1,
                     log.error("%s failed: %s", job.name, e)
                     failures[job.name] = e
     bar.close()
+    raise_failures(failures)
+    return sorted(results, key=lambda r: r.expert_id)
+
+
+def raise_failures(failures: dict[str, BaseException]) -> None:
+    """One error for every expert that failed, after the others finished: a build reports all
+    of its failures at once, and what did finish is already on disk for the rerun."""
     if failures:
         names = ", ".join(sorted(failures))
         first = next(iter(failures.values()))
         raise RuntimeError(f"training failed for {names} (first error: {first}); finished "
                            "experts are kept, rerun to resume") from first
-    return sorted(results, key=lambda r: r.expert_id)
 
 
 def _without_progress(job: ExpertJob) -> ExpertJob:

@@ -41,6 +41,7 @@ from training.experts import (
     ExpertJob,
     ExpertResult,
     finished,
+    raise_failures,
     save_adapter,
     split_finished,
     train_adapter,
@@ -283,9 +284,5 @@ def train_on_ray(jobs: Sequence[ExpertJob], options: RayOptions,
             for ref in pending:  # interrupted: do not leave tasks running on the cluster
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
-    if failures:
-        names = ", ".join(sorted(failures))
-        first = next(iter(failures.values()))
-        raise RuntimeError(f"training failed for {names} (first error: {first}); finished "
-                           "experts are kept, rerun to resume") from first
+    raise_failures(failures)
     return sorted(results, key=lambda r: r.expert_id)

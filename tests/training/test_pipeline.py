@@ -387,3 +387,14 @@ def test_parallel_workers_train_the_same_experts(tmp_path, slow_corpus, tiny_mod
                       "--no-tune", "--workers", "2")) == 0
     Library.open(out, base_model_dir=tiny_model_dir)
     assert max_expert_difference(out, clean) == 0.0  # every tensor, bitwise
+
+
+def test_raise_failures_names_every_failed_expert_and_chains_the_first():
+    from training.experts import raise_failures
+
+    raise_failures({})  # nothing failed: nothing raised
+    first, second = ValueError("out of memory"), OSError("disk full")
+    with pytest.raises(RuntimeError, match=r"training failed for expert 2, expert 7 \(first "
+                       r"error: out of memory\); finished experts are kept") as info:
+        raise_failures({"expert 7": first, "expert 2": second})
+    assert info.value.__cause__ is first
