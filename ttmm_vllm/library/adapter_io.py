@@ -36,8 +36,14 @@ class ExpertWeights:
 _PEFT_PREFIX = "base_model.model."
 
 
-def read_adapter(adapter_dir: str | os.PathLike, expert_id: int = -1) -> ExpertWeights:
-    """Read a PEFT LoRA adapter folder (safetensors only, memory-mapped)."""
+def read_adapter(adapter_dir: str | os.PathLike, expert_id: int = -1,
+                 shared_a: Mapping[str, Any] | None = None) -> ExpertWeights:
+    """Read a PEFT LoRA adapter folder (safetensors only, memory-mapped).
+
+    shared_a: module -> A, for an expert of a shared-A library whose A's were already checked
+    against these (`ExpertCache`): only its B's are read, and its modules take these A
+    tensors (half the bytes of a re-read, and merges see one A object per module).
+    """
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
@@ -52,6 +58,8 @@ def read_adapter(adapter_dir: str | os.PathLike, expert_id: int = -1) -> ExpertW
         scaling = alpha / rank**0.5
     else:
         scaling = alpha / rank
+    if shared_a is not None:
+        return ExpertWeights(expert_id, _read_b_only(weights_path, shared_a), scaling, rank)
     tensors = load_file(str(weights_path))
     modules: dict[str, list[Any]] = {}
     for key, t in tensors.items():
@@ -67,6 +75,22 @@ def read_adapter(adapter_dir: str | os.PathLike, expert_id: int = -1) -> ExpertW
         if a is None or b is None:
             raise LibraryError(f"{weights_path}: module {mod} lacks lora_A or lora_B")
     return ExpertWeights(expert_id, {m: (a, b) for m, (a, b) in modules.items()}, scaling, rank)
+
+
+def _read_b_only(weights_path: Path, shared_a: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    from safetensors import safe_open
+
+    modules = {}
+    with safe_open(str(weights_path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+            if ".lora_B." not in name:
+                continue
+            mod = name.split(".lora_B.")[0]
+            if mod not in shared_a:
+                raise LibraryError(f"{weights_path}: module {mod} has no shared A")
+            modules[mod] = (shared_a[mod], f.get_tensor(key))
+    return modules
 
 
 def write_adapter(

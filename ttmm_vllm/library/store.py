@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -248,14 +250,15 @@ class Library:
     def num_experts(self) -> int:
         return len(self.manifest.active_experts)
 
-    def read_expert(self, expert_id: int, verify_checksum: bool = False) -> ExpertWeights:
+    def read_expert(self, expert_id: int, verify_checksum: bool = False,
+                    shared_a: Mapping[str, Any] | None = None) -> ExpertWeights:
         e = self.manifest.expert(expert_id)
         if e.deleted:
             raise LibraryError(f"expert {expert_id} is deleted")
         if verify_checksum:
             self.check_expert(e, verify_checksum=True)
         try:
-            return read_adapter(self.resolve(e.file), expert_id)
+            return read_adapter(self.resolve(e.file), expert_id, shared_a)
         except LibraryError as err:  # name files relative to the library, never absolutely
             raise LibraryError(str(err).replace(f"{self.root}/", "").replace(
                 str(self.root), "<library>")) from None
