@@ -27,9 +27,9 @@ each (benchmarks/results/lora_throughput/scale.md: `python -m benchmarks.lora_th
 --library-size 16 64 256 1024`), decode throughput as a ratio to the base model:
 
     K                         16     64     256    1024
-    mix                       0.47   0.24   0.07   (bank of 20 GB: not run)
-    slots, compressed to 16   0.65   0.67   0.68   0.66
-    slots, shared-A (exact)   0.72   0.72   0.73   0.75
+    mix                       0.44   0.23   0.07   (bank of 20 GB: not run)
+    slots, compressed to 16   0.64   0.65   0.66   0.63
+    slots, shared-A (exact)   0.70   0.72   0.70   0.71
 
 (`ttmm serve`'s thread layout; medians of 3 paired rounds, which still differ by ~0.05 on
 this shared machine). The slots' ceiling here is memory, not the op: 32 rank-16 slots read
@@ -44,8 +44,8 @@ ceiling is set by the adapter's share of the model's weights, 4.6% per rank-16 s
 - other libraries: "mix" while the whole library is small (K * r <= MIX_MAX_RANK = 128: its
   union then costs at most about half a slot batch, and it is exact with nothing to build),
   "expand" compressed to rank b above it (its error is reported per request as
-  `compression_error`; admission computes the optimal rank-b approximation: 0.26-0.54 s a
-  request in the worker on SmolLM2, 3-6 base decode steps; the two R x R Grams that make the
+  `compression_error`; admission computes the optimal rank-b approximation: 0.32-0.52 s a
+  request in the worker on SmolLM2, 4-6 base decode steps; the two R x R Grams that make the
   error exact are 15.6 GFLOP, ~1.5 steps of one core, and a Gram-free randomized sketch that
   gives the exactness up measured no faster: 212-232 ms without power iterations).
 - GPUs: the plugin's ops are CPU-only, so always "expand" through vLLM's own LoRA kernels
