@@ -137,8 +137,8 @@ def report(ms: dict[str, float], slots: int, rank: int, layers: int,
            base_step_ms: float | None, shapes=SHAPES) -> list[dict]:
     """One row per LoRA form: ms, MB read, GB/s, and the ceilings it implies."""
     nbytes = lora_bytes(slots, rank, layers, shapes)
-    shared_bytes = nbytes - slots * layers * sum(rank * din for din, outs in shapes
-                                                 for _ in outs) * 4
+    # shared-A slots hold no A of their own: the same count with every input width 0
+    shared_bytes = lora_bytes(slots, rank, layers, tuple((0, outs) for _, outs in shapes))
     rows = []
     for name in ("plugin op", "bare bmm", "shared-A op"):
         read = shared_bytes if name.startswith("shared") else nbytes

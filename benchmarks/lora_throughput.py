@@ -424,7 +424,7 @@ def run_config(args, model_dir: Path, w: Workload) -> dict:
         "cpu_layout": {k: os.environ[k] for k in ("VLLM_CPU_OMP_THREADS_BIND",
                                                    "VLLM_CPU_NUM_OF_RESERVED_CPU")
                        if k in os.environ} or "vLLM's defaults",
-        "repeats": getattr(args, "repeats", 1),
+        "repeats": args.repeats,
     }
 
 

@@ -35,7 +35,8 @@ class ExpertCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._verified: set[int] = set()
-        self._shared_a: dict[str, object] | None = {} if self._is_shared_a() else None
+        self._shared_a: dict[str, object] | None = {} if library.manifest.lora.shared_a \
+            else None
         self._a_checked: set[int] = set()  # shared-A experts whose A's matched the library's
         self.hits = 0
         self.misses = 0
@@ -72,10 +73,6 @@ class ExpertCache:
                 _, old = self._lru.popitem(last=False)
                 self._bytes -= self._size(old)
         return w
-
-    def _is_shared_a(self) -> bool:
-        lora = getattr(self.library.manifest, "lora", None)
-        return bool(getattr(lora, "shared_a", False))
 
     def _size(self, w: ExpertWeights) -> int:
         """Bytes an expert holds alone (a shared-A expert's A's belong to the library)."""

@@ -17,11 +17,11 @@ projections is 10176, so an adapter of rank b holds b * 10176 * 30 weights):
 
     mix:   2 * T * |U| * r * sum(in + out) flops, at the GEMM rate F (~90 GFLOP/s a core here)
     slots: S * b * sum(in + out) * 4 bytes read (T = S at decode), at the streaming rate M of
-           a batched row-vector product (~12-14 GB/s a core here; 32 rank-16 slots read
-           622 MB a step, more than the base model's 540 MB of weights)
-    mix / slots = |U| * r * M / (2 * b * F) ~= |U| * r / 240 at b = 16
+           a batched row-vector product (~12-20 GB/s here; 32 rank-16 slots read 625 MB a
+           step, more than the base model's 540 MB of weights)
+    mix / slots = |U| * r * M / (2 * b * F) ~= |U| * r / (150 to 240) at b = 16
 
-so mix wins (and costs nothing at admission) while the union's rank is well under ~240, and
+so mix wins (and costs nothing at admission) while the union's rank is well under ~150, and
 loses above it. Measured on SmolLM2-135M with 32 concurrent requests, 10 random rank-16 experts
 each (benchmarks/results/lora_throughput/scale.md: `python -m benchmarks.lora_throughput
 --library-size 16 64 256 1024`), decode throughput as a ratio to the base model:
@@ -46,7 +46,7 @@ ceiling is set by the adapter's share of the model's weights, 4.6% per rank-16 s
   "expand" compressed to rank b above it (its error is reported per request as
   `compression_error`; admission computes the optimal rank-b approximation: 0.32-0.52 s a
   request in the worker on SmolLM2, 4-6 base decode steps; the two R x R Grams that make the
-  error exact are 15.6 GFLOP, ~1.5 steps of one core, and a Gram-free randomized sketch that
+  error exact are 15.6 GFLOP, ~1.7 steps of one core, and a Gram-free randomized sketch that
   gives the exactness up measured no faster: 212-232 ms without power iterations).
 - GPUs: the plugin's ops are CPU-only, so always "expand" through vLLM's own LoRA kernels
   (bf16/fp16: vLLM's Triton kernels take nothing else).
